@@ -1,0 +1,3 @@
+from stackd.cli import main
+
+raise SystemExit(main())
