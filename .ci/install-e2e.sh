@@ -12,7 +12,8 @@ PODMAN_COMPOSE_VERSION="${PODMAN_COMPOSE_VERSION:-1.6.0}"
 pkgs=(podman crun conmon netavark aardvark-dns uidmap busybox-static docker-registry
       fuse-overlayfs catatonit util-linux)
 # Optional second provider (Debian 12: docker-compose 1.29 in Python; 13: v2 in Go).
-optional=(docker-compose)
+optional=()
+[[ ${STACKD_E2E_COMPOSE:-} == docker-compose ]] && optional=(docker-compose)
 
 missing=()
 for p in "${pkgs[@]}" "${optional[@]}"; do
