@@ -1,0 +1,411 @@
+"""dbus-fast client of the systemd user manager (org.freedesktop.systemd1).
+
+One object owns the bus connection's view of the manager and keeps a live copy of the
+watched units, updated from signals. It subscribes before it takes its snapshot, so no
+change between the two is lost, and bounds the calls in flight (dbus-fast drops a
+connection whose write hits EAGAIN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from stackd.core.models import UnitState
+from stackd.errors import ManagerUnavailableError, StackdError
+
+__all__ = [
+    "MANAGER_IFACE",
+    "JobOutcome",
+    "SystemdManager",
+    "UnitChange",
+    "unit_object_path",
+]
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+# Unit properties that feed UnitState, and the UnitState field each one sets.
+_UNIT_FIELDS = {
+    "LoadState": "load_state",
+    "ActiveState": "active_state",
+    "SubState": "sub_state",
+    "FragmentPath": "fragment_path",
+    "DropInPaths": "drop_in_paths",
+    "NeedDaemonReload": "need_daemon_reload",
+    "UnitFileState": "unit_file_state",
+}
+_SERVICE_FIELDS = {"Result": "result"}
+
+_MATCH_RULES = (
+    f"type='signal',interface='{MANAGER_IFACE}',path='{MANAGER_PATH}'",
+    f"type='signal',interface='{PROPS_IFACE}',member='PropertiesChanged',"
+    f"path_namespace='/org/freedesktop/systemd1/unit'",
+    "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+    f"member='NameOwnerChanged',arg0='{SYSTEMD}'",
+)
+
+_RECENT_JOBS = 4096
+
+
+def unit_object_path(unit: str) -> str:
+    """The object path systemd gives a unit (sd_bus_path_encode of the name)."""
+    out = []
+    for i, ch in enumerate(unit):
+        if ch.isascii() and (ch.isalpha() or (ch.isdigit() and i > 0)):
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02x}" for b in ch.encode())
+    return UNIT_PATH_PREFIX + "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitChange:
+    """A watched unit's state changed (from a signal or a refresh)."""
+
+    unit: str
+    state: UnitState
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How a job ended: systemd's JobRemoved result (done, failed, timeout, canceled, ...)."""
+
+    unit: str
+    job: str
+    result: str
+
+
+class SystemdError(StackdError):
+    """The manager answered a call with an error (the D-Bus error name is kept)."""
+
+    def __init__(self, member: str, error_name: str, text: str) -> None:
+        self.member = member
+        self.error_name = error_name
+        super().__init__(f"{member}: {error_name}: {text}")
+
+
+ManagerListener = Callable[[str, Any], None]
+
+
+class SystemdManager:
+    """The user manager as stackd sees it: calls, signals and a live copy of watched units."""
+
+    def __init__(self, bus: MessageBus, *, max_in_flight: int = 32) -> None:
+        self._bus = bus
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._watched: dict[str, UnitState] = {}
+        self._path_to_unit: dict[str, str] = {}
+        self._listeners: list[ManagerListener] = []
+        self._job_waiters: dict[str, asyncio.Future[JobOutcome]] = {}
+        self._recent_jobs: OrderedDict[str, JobOutcome] = OrderedDict()
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._pending_refresh: set[str] | None = set()
+        self.reloading = False
+        self.available = False
+        self._generation = 0  # bumped by every reload; older reads are stale
+        bus.add_message_handler(self._on_message)
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Sequence[Any] = (),
+        *,
+        path: str = MANAGER_PATH,
+        interface: str = MANAGER_IFACE,
+    ) -> list[Any]:
+        """One method call on the manager, bounded by the in-flight limit."""
+        msg = Message(
+            destination=SYSTEMD,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        async with self._slots:
+            try:
+                reply = await self._bus.call(msg)
+            except (OSError, EOFError) as exc:
+                raise ManagerUnavailableError(
+                    f"lost the user bus while calling {member}: {exc}"
+                ) from exc
+        if reply is None:
+            raise ManagerUnavailableError(f"no reply from the user manager to {member}")
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            name = reply.error_name or "unknown"
+            if name in (
+                "org.freedesktop.DBus.Error.ServiceUnknown",
+                "org.freedesktop.DBus.Error.NoReply",
+                "org.freedesktop.DBus.Error.NameHasNoOwner",
+            ):
+                raise ManagerUnavailableError(f"the user manager is not reachable: {text}")
+            raise SystemdError(member, name, str(text))
+        return list(reply.body)
+
+    async def _bus_call(self, member: str, signature: str, body: Sequence[Any]) -> list[Any]:
+        msg = Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member=member,
+            signature=signature,
+            body=list(body),
+        )
+        async with self._slots:
+            reply = await self._bus.call(msg)
+        if reply is None or reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply is not None and reply.body else "no reply"
+            raise SystemdError(member, getattr(reply, "error_name", "") or "", str(detail))
+        return list(reply.body)
+
+    async def subscribe(self) -> None:
+        """Ask for the signals we keep our copy with. Must run before `snapshot`."""
+        for rule in _MATCH_RULES:
+            await self._bus_call("AddMatch", "s", [rule])
+        await self.call("Subscribe")
+        self.available = True
+
+    async def unit_path(self) -> list[str]:
+        """The directories the manager reads units from, highest precedence first."""
+        (value,) = await self.call("Get", "ss", [MANAGER_IFACE, "UnitPath"], interface=PROPS_IFACE)
+        return [str(p) for p in value.value]
+
+    async def reload(self) -> None:
+        self._generation += 1
+        await self.call("Reload")
+
+    async def start_unit(self, unit: str, mode: str = "replace") -> str:
+        (job,) = await self.call("StartUnit", "ss", [unit, mode])
+        return str(job)
+
+    async def restart_unit(self, unit: str, mode: str = "replace") -> str:
+        (job,) = await self.call("RestartUnit", "ss", [unit, mode])
+        return str(job)
+
+    async def stop_unit(self, unit: str, mode: str = "replace") -> str:
+        (job,) = await self.call("StopUnit", "ss", [unit, mode])
+        return str(job)
+
+    async def reset_failed_unit(self, unit: str) -> None:
+        with contextlib.suppress(SystemdError):
+            await self.call("ResetFailedUnit", "s", [unit])
+
+    async def wait_job(self, job: str, within_s: float | None) -> JobOutcome:
+        """Wait for JobRemoved of `job`; a timeout yields result "timeout" (job left running)."""
+        if (done := self._recent_jobs.get(job)) is not None:
+            return done
+        fut = self._job_waiters.get(job)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._job_waiters[job] = fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), within_s)
+        except TimeoutError:
+            return JobOutcome(unit="", job=job, result="timeout")
+
+    async def run_job(
+        self, verb: str, unit: str, *, within_s: float | None, mode: str = "replace"
+    ) -> JobOutcome:
+        """Start/restart/stop `unit` and wait for its job to end."""
+        job = await {
+            "start": self.start_unit,
+            "restart": self.restart_unit,
+            "stop": self.stop_unit,
+        }[verb](unit, mode)
+        outcome = await self.wait_job(job, within_s)
+        return replace(outcome, unit=unit)
+
+    # -- the live copy ----------------------------------------------------------------
+
+    @property
+    def units(self) -> dict[str, UnitState]:
+        return self._watched
+
+    def add_listener(self, listener: ManagerListener) -> None:
+        """`listener(kind, payload)`: kind is "unit", "reloaded", "unit-files" or "owner"."""
+        self._listeners.append(listener)
+
+    async def watch(self, units: Iterable[str]) -> dict[str, UnitState]:
+        """Load the given units and keep their state current; forget units no longer listed."""
+        wanted = list(dict.fromkeys(units))
+        for gone in set(self._watched) - set(wanted):
+            del self._watched[gone]
+        self._path_to_unit = {p: u for p, u in self._path_to_unit.items() if u in wanted}
+        states = await asyncio.gather(*(self.load_state(u) for u in wanted))
+        for state in states:
+            self._watched[state.name] = state
+        return dict(self._watched)
+
+    async def refresh(self, units: Iterable[str] | None = None) -> None:
+        """Read the watched units again (after a daemon-reload no signal carries the news)."""
+        names = list(self._watched) if units is None else [u for u in units if u in self._watched]
+        generation = self._generation
+        states = await asyncio.gather(*(self.load_state(u) for u in names))
+        if generation != self._generation:
+            return  # a reload happened meanwhile: these answers may predate it
+        for state in states:
+            self._store(state)
+
+    async def load_state(self, unit: str) -> UnitState:
+        (path,) = await self.call("LoadUnit", "s", [unit])
+        path = str(path)
+        self._path_to_unit[path] = unit
+        (props,) = await self.call("GetAll", "s", [UNIT_IFACE], path=path, interface=PROPS_IFACE)
+        state = _state_from_props(UnitState(name=unit), props, _UNIT_FIELDS)
+        if unit.endswith(".service") and state.load_state == "loaded":
+            try:
+                (result,) = await self.call(
+                    "Get", "ss", [SERVICE_IFACE, "Result"], path=path, interface=PROPS_IFACE
+                )
+                state = replace(state, result=str(result.value))
+            except SystemdError:
+                pass
+        if state.load_state != "loaded":
+            state = replace(state, load_error=_load_error(props))
+        return state
+
+    async def service_properties(self, unit: str, names: Sequence[str]) -> dict[str, Any]:
+        """Selected properties of a service (Result, ExecMainStatus, ExecStart, ...)."""
+        (path,) = await self.call("LoadUnit", "s", [unit])
+        (props,) = await self.call(
+            "GetAll", "s", [SERVICE_IFACE], path=str(path), interface=PROPS_IFACE
+        )
+        return {n: _plain(props[n].value) for n in names if n in props}
+
+    def _store(self, state: UnitState) -> None:
+        if self._watched.get(state.name) != state and state.name in self._watched:
+            self._watched[state.name] = state
+            self._emit("unit", UnitChange(state.name, state))
+
+    def _emit(self, kind: str, payload: Any) -> None:
+        for listener in list(self._listeners):
+            listener(kind, payload)
+
+    def _refresh_soon(self, units: Iterable[str] | None) -> None:
+        """Coalesce refresh requests: one task at a time, the union of what was asked."""
+        if units is None or self._pending_refresh is None:
+            self._pending_refresh = None
+        else:
+            self._pending_refresh.update(units)
+        if self._refresh_task is not None and not self._refresh_task.done():
+            return
+
+        async def run() -> None:
+            while True:
+                pending, self._pending_refresh = self._pending_refresh, set()
+                if pending is not None and not pending:
+                    return
+                with contextlib.suppress(ManagerUnavailableError, SystemdError):
+                    await self.refresh(pending)
+
+        self._refresh_task = asyncio.get_running_loop().create_task(run())
+
+    # -- signals ----------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> bool | None:
+        if msg.message_type != MessageType.SIGNAL:
+            return None
+        member = msg.member
+        if msg.interface == PROPS_IFACE and member == "PropertiesChanged":
+            self._on_properties_changed(msg)
+        elif msg.interface == MANAGER_IFACE:
+            self._on_manager_signal(member or "", msg.body)
+        elif member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD:
+            present = bool(msg.body[2])
+            self.available = present
+            self._emit("owner", present)
+        return None
+
+    def _on_properties_changed(self, msg: Message) -> None:
+        unit = self._path_to_unit.get(msg.path or "")
+        if unit is None or unit not in self._watched:
+            return
+        iface, changed, invalidated = msg.body
+        fields = _UNIT_FIELDS if iface == UNIT_IFACE else _SERVICE_FIELDS
+        if iface not in (UNIT_IFACE, SERVICE_IFACE):
+            return
+        self._store(_state_from_props(self._watched[unit], changed, fields))
+        if any(name in fields for name in invalidated):
+            self._refresh_soon([unit])
+
+    def _on_manager_signal(self, member: str, body: list[Any]) -> None:
+        if member == "JobRemoved":
+            _id, job, unit, result = body
+            outcome = JobOutcome(unit=str(unit), job=str(job), result=str(result))
+            self._recent_jobs[outcome.job] = outcome
+            while len(self._recent_jobs) > _RECENT_JOBS:
+                self._recent_jobs.popitem(last=False)
+            fut = self._job_waiters.pop(outcome.job, None)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome)
+            self._emit("job", outcome)
+        elif member == "Reloading":
+            self.reloading = bool(body[0])
+            self._generation += 1
+            if not self.reloading:
+                self._refresh_soon(None)
+                self._emit("reloaded", None)
+        elif member == "UnitFilesChanged":
+            self._emit("unit-files", None)
+        elif member == "UnitNew":
+            # Not a state change: LoadUnit and garbage collection emit these all the time.
+            name, path = str(body[0]), str(body[1])
+            if name in self._watched:
+                self._path_to_unit[path] = name
+
+    def fail_pending_jobs(self) -> None:
+        """The connection is gone: nobody will see JobRemoved for these jobs any more."""
+        for job, fut in self._job_waiters.items():
+            if not fut.done():
+                fut.set_result(JobOutcome(unit="", job=job, result="manager-unavailable"))
+        self._job_waiters.clear()
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Variant):
+        return _plain(value.value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _state_from_props(base: UnitState, props: dict[str, Any], fields: dict[str, str]) -> UnitState:
+    updates: dict[str, Any] = {}
+    for prop, field in fields.items():
+        if prop in props:
+            value = _plain(props[prop])
+            if field == "drop_in_paths":
+                value = tuple(str(v) for v in value)
+            elif field == "need_daemon_reload":
+                value = bool(value)
+            else:
+                value = str(value)
+            updates[field] = value
+    return replace(base, **updates) if updates else base
+
+
+def _load_error(props: dict[str, Any]) -> str:
+    err = props.get("LoadError")
+    if err is None:
+        return ""
+    name, text = _plain(err)
+    return f"{text} ({name})" if text else str(name)
