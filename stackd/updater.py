@@ -1,0 +1,459 @@
+"""Update orchestration: run `<stack>-update.service` units, carry on past failures, and end
+every run with one summary in the journal, the history file, the status view and on D-Bus.
+
+A run is recorded (`run.started`) before any unit starts and each stack's result as soon as
+it is known, so a daemon killed mid-run can complete the run from the units at its next
+start (`recover`). Scheduling follows systemd timers: OnCalendar= elapses from
+`systemd-analyze calendar`, RandomizedDelaySec=, Persistent= catch-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from stackd.adapters import calendar
+from stackd.adapters.compose import EngineImages, engine_for, service_images
+from stackd.adapters.store import HistoryStore, StoreError
+from stackd.adapters.systemd import SystemdError
+from stackd.core.models import Config, StackSpec
+from stackd.core.render import compose_project_name
+from stackd.core.schedule import apply_randomized_delay
+from stackd.core.updates import (
+    ExecCommand,
+    StackUpdateResult,
+    Trigger,
+    UpdateRun,
+    finish_stack,
+    latest_results,
+    new_run_id,
+    run_to_json,
+    skipped_stack,
+    stack_message,
+    stack_result_to_json,
+    summary_fields,
+    summary_message,
+)
+from stackd.errors import ManagerUnavailableError, StackdError, UsageError
+
+if TYPE_CHECKING:
+    from stackd.adapters.systemd import SystemdManager
+
+__all__ = ["UpdateBusyError", "Updater", "run_summary_json"]
+
+log = structlog.get_logger("stackd")
+
+# Beyond the unit's own TimeoutStartSec (which systemd enforces) we stop waiting after this.
+WAIT_MARGIN_S = 30.0
+_RUNNING_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
+_SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class UpdateBusyError(StackdError):
+    """A run is in progress; a second one is refused rather than queued."""
+
+
+class Updater:
+    """Owns update runs for the daemon. `manager()` is the live manager (or raises)."""
+
+    def __init__(
+        self,
+        *,
+        store: HistoryStore,
+        manager: Callable[[], SystemdManager],
+        config: Callable[[], Config],
+        emit: Callable[[str, dict[str, Any]], None],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._manager = manager
+        self._config = config
+        self._emit = emit
+        self._on_change = on_change
+        self.current: UpdateRun | None = None
+        self._task: asyncio.Task[UpdateRun] | None = None
+        self._pending_writes: list[dict[str, Any]] = []
+        self.store_error: str | None = None
+        self.next_run: datetime | None = None
+        self._history_cache: list[UpdateRun] | None = None
+
+    # -- views ---------------------------------------------------------------------------
+
+    def history(self, limit: int) -> list[UpdateRun]:
+        try:
+            return self._store.read(limit)
+        except StoreError as exc:
+            self._report_store_error(exc)
+            return []
+
+    def _recent(self) -> list[UpdateRun]:
+        if self._history_cache is None:
+            self._history_cache = self.history(50)
+        return self._history_cache
+
+    def last_run_json(self) -> dict[str, Any] | None:
+        run = next((r for r in self._recent() if r.finished_at is not None), None)
+        return None if run is None else run_summary_json(run)
+
+    def last_updates_json(self) -> dict[str, dict[str, Any]]:
+        return {
+            stack: stack_result_to_json(result)
+            for stack, result in latest_results(self._recent()).items()
+        }
+
+    # -- a run -----------------------------------------------------------------------------
+
+    def select(self, names: Sequence[str], *, scheduled: bool) -> list[StackSpec]:
+        config = self._config()
+        if names:
+            unknown = [n for n in names if config.stack(n) is None]
+            if unknown:
+                raise UsageError(
+                    f"no stack named {', '.join(unknown)}; configured: "
+                    f"{', '.join(s.name for s in config.stacks) or 'none'}"
+                )
+            return [s for s in config.stacks if s.name in names]
+        return [s for s in config.stacks if s.update or not scheduled]
+
+    async def start(self, names: Sequence[str], trigger: Trigger) -> UpdateRun:
+        """Record a new run and start it in the background; refuse while one runs."""
+        if self._task is not None and not self._task.done() and self.current is not None:
+            raise UpdateBusyError(
+                f"update run {self.current.run} is still in progress; wait for it to finish "
+                "(`stackd status` shows it) and try again"
+            )
+        stacks = self.select(names, scheduled=trigger != "manual")
+        now = datetime.now(UTC)
+        run = UpdateRun(
+            run=new_run_id(now, "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(4))),
+            stacks=tuple(s.name for s in stacks),
+            started_at=now,
+            finished_at=None,
+            trigger=trigger,
+        )
+        self.current = run
+        self._write(lambda: self._store.append_run_started(run), {"kind": "run.started"})
+        log.info(
+            "update.started",
+            message=f"update run {run.run} ({trigger}): {len(stacks)} stacks: "
+            f"{', '.join(run.stacks) or 'none'}",
+            run=run.run,
+            trigger=trigger,
+            stacks=list(run.stacks),
+        )
+        self._emit(
+            "UpdateProgress", {"run": run.run, "stacks": list(run.stacks), "state": "started"}
+        )
+        self._on_change()
+        self._task = asyncio.get_running_loop().create_task(self._run(run, stacks))
+        return run
+
+    async def wait(self) -> UpdateRun | None:
+        if self._task is None:
+            return None
+        return await asyncio.shield(self._task)
+
+    async def _run(self, run: UpdateRun, stacks: list[StackSpec]) -> UpdateRun:
+        config = self._config()
+        slots = asyncio.Semaphore(max(1, config.updates.concurrency))
+
+        async def one(stack: StackSpec) -> StackUpdateResult:
+            async with slots:
+                result = await self._update_stack(run.run, stack, config)
+            self._record_stack(result)
+            return result
+
+        results = await asyncio.gather(*(one(s) for s in stacks))
+        return self._finish(replace(run, results=tuple(results)), recovered=False)
+
+    async def _update_stack(
+        self, run_id: str, stack: StackSpec, config: Config
+    ) -> StackUpdateResult:
+        unit = stack.update_unit
+        now = datetime.now(UTC)
+        try:
+            manager = self._manager()
+            state = await manager.load_state(unit)
+        except (ManagerUnavailableError, SystemdError) as exc:
+            return _failed(run_id, stack, now, f"refused: {exc}")
+        if state.load_state != "loaded":
+            return _failed(
+                run_id,
+                stack,
+                now,
+                f"{unit} is not loaded ({state.load_state}); see `stackd check`",
+            )
+        if state.active_state in _RUNNING_STATES:
+            return skipped_stack(
+                run=run_id,
+                stack=stack.name,
+                unit=unit,
+                at=now,
+                reason=f"{unit} is already running ({state.active_state}); not started twice",
+            )
+        engine = engine_for(config.daemon.compose_command)
+        project = compose_project_name(stack.name)
+        before = await service_images(engine, project)
+        started = datetime.now(UTC)
+        try:
+            outcome = await manager.run_job(
+                "start", unit, within_s=config.updates.timeout_s + WAIT_MARGIN_S
+            )
+        except (ManagerUnavailableError, SystemdError) as exc:
+            return _failed(run_id, stack, started, f"refused: {exc}")
+        if outcome.result == "timeout":
+            # Our wait ran out before systemd's own timeout did: stop the unit ourselves.
+            with contextlib.suppress(ManagerUnavailableError, SystemdError):
+                await manager.run_job("stop", unit, within_s=WAIT_MARGIN_S)
+        return await self._collect(
+            run_id=run_id,
+            stack=stack,
+            started=started,
+            job_result=outcome.result,
+            before=before,
+            engine=engine,
+            project=project,
+            config=config,
+        )
+
+    async def _collect(
+        self,
+        *,
+        run_id: str,
+        stack: StackSpec,
+        started: datetime,
+        job_result: str,
+        before: EngineImages,
+        engine: str | None,
+        project: str,
+        config: Config,
+    ) -> StackUpdateResult:
+        """Build the stack's result from the unit's properties and the engine's view."""
+        unit = stack.update_unit
+        unit_result = ""
+        commands: list[ExecCommand] = []
+        with contextlib.suppress(ManagerUnavailableError, SystemdError):
+            props = await self._manager().service_properties(unit, ["Result", "ExecStart"])
+            unit_result = str(props.get("Result", ""))
+            commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
+        after = await service_images(engine, project)
+        return finish_stack(
+            run=run_id,
+            stack=stack.name,
+            unit=unit,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            job_result=job_result,
+            unit_result=unit_result,
+            commands=commands,
+            before=before.images,
+            after=after.images,
+            timeout_s=config.updates.timeout_s,
+        )
+
+    def _record_stack(self, result: StackUpdateResult) -> None:
+        self._write(lambda: self._store.append_stack_finished(result), {"kind": "stack.finished"})
+        level = log.error if result.is_failure else log.info
+        level(
+            "update.stack.finished",
+            message=stack_message(result),
+            run=result.run,
+            stack=result.stack,
+            unit=result.unit,
+            result=result.result,
+            error=result.error,
+            failed_command=result.failed_command,
+            exit_status=result.exit_status,
+            changes=[c.describe() for c in result.changes],
+        )
+        self._emit("UpdateProgress", stack_result_to_json(result))
+
+    def _finish(self, run: UpdateRun, *, recovered: bool) -> UpdateRun:
+        run = replace(run, finished_at=datetime.now(UTC), recovered=recovered)
+        self._write(lambda: self._store.append_run_finished(run), {"kind": "run.finished"})
+        message = summary_message(run)
+        fields = summary_fields(run)
+        level = log.error if run.failed else log.info
+        level(
+            "update.finished",
+            message=message,
+            run=run.run,
+            succeeded_count=len(run.succeeded),
+            failed_count=len(run.failed),
+            **{k: v for k, v in fields.items() if k != "STACKD_RUN"},
+        )
+        self._emit("UpdateFinished", run_summary_json(run))
+        if self.current is not None and self.current.run == run.run:
+            self.current = None
+        self._history_cache = None
+        self._on_change()
+        return run
+
+    # -- durability -------------------------------------------------------------------------
+
+    def _write(self, action: Callable[[], None], what: dict[str, Any]) -> None:
+        """Write to the history; on failure keep it in memory and retry on the next write."""
+        pending, self._pending_writes = self._pending_writes, []
+        for retry in pending:
+            try:
+                retry["action"]()
+            except StoreError:
+                self._pending_writes.append(retry)
+        if self._pending_writes:
+            self._pending_writes.append({"action": action, **what})
+            return
+        try:
+            action()
+            if self.store_error is not None:
+                self.store_error = None
+                log.info("state.write_failed", message="the state directory is writable again")
+        except StoreError as exc:
+            self._pending_writes.append({"action": action, **what})
+            self._report_store_error(exc)
+
+    def _report_store_error(self, exc: StoreError) -> None:
+        if self.store_error != str(exc):
+            log.error(
+                "state.write_failed",
+                message=f"{exc}; results are kept in memory and written when it works again",
+                path=str(exc.path),
+            )
+        self.store_error = str(exc)
+        self._on_change()
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Complete runs a previous daemon left unfinished, from what the units say."""
+        try:
+            unfinished = self._store.unfinished_runs()
+        except StoreError as exc:
+            self._report_store_error(exc)
+            return
+        config = self._config()
+        for run in unfinished:
+            done = {r.stack for r in run.results}
+            results = list(run.results)
+            for name in run.stacks:
+                if name in done:
+                    continue
+                result = await self._recover_stack(run, name, config)
+                self._record_stack(result)
+                results.append(result)
+            self._finish(replace(run, results=tuple(results)), recovered=True)
+
+    async def _recover_stack(self, run: UpdateRun, name: str, config: Config) -> StackUpdateResult:
+        stack = config.stack(name) or StackSpec(name=name, directory=config.daemon.unit_dir)
+        unit = stack.update_unit
+        manager = self._manager()
+        state = await manager.load_state(unit)
+        while state.active_state in _RUNNING_STATES:
+            # Still running under systemd: wait for it to end (signals keep `units` current).
+            await asyncio.sleep(0.2)
+            state = await manager.load_state(unit)
+        props: dict[str, Any] = {}
+        with contextlib.suppress(SystemdError):
+            props = await manager.service_properties(
+                unit, ["Result", "ExecStart", "ExecMainStartTimestamp"]
+            )
+        started_us = int(props.get("ExecMainStartTimestamp") or 0)
+        started = datetime.fromtimestamp(started_us / 1e6, UTC) if started_us else run.started_at
+        if not started_us or started < run.started_at:
+            return skipped_stack(
+                run=run.run,
+                stack=name,
+                unit=unit,
+                at=datetime.now(UTC),
+                reason="not started: the daemon stopped before this stack's update began",
+            )
+        unit_result = str(props.get("Result", ""))
+        commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
+        return finish_stack(
+            run=run.run,
+            stack=name,
+            unit=unit,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+            job_result="done" if unit_result == "success" else "failed",
+            unit_result=unit_result,
+            commands=commands,
+            before=(),
+            after=(),
+            timeout_s=config.updates.timeout_s,
+        )
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    async def schedule_loop(self) -> None:
+        """Start scheduled runs forever: catch up once if one was missed, then follow the
+        calendar. Cancelled on shutdown or when the config changes."""
+        config = self._config()
+        expr = config.updates.schedule
+        now = datetime.now(UTC)
+        if config.updates.persistent:
+            try:
+                last = self._store.last_scheduled_run_time()
+            except StoreError as exc:
+                self._report_store_error(exc)
+                last = None
+            if last is not None and await calendar.missed_elapse(expr, last, now):
+                await self._start_quietly("catch-up")
+        while True:
+            now = datetime.now(UTC)
+            due = await calendar.next_elapse(expr, now)
+            if due is None:
+                self.next_run = None
+                self._on_change()
+                return
+            # Drawing the delay is the only randomness; the rule itself is pure.
+            self.next_run = apply_randomized_delay(
+                due,
+                config.updates.randomized_delay_s,
+                random.random(),  # noqa: S311 - spreading load, not security
+            )
+            self._on_change()
+            await _sleep_until(self.next_run)
+            await self._start_quietly("schedule")
+            await self.wait()
+
+    async def _start_quietly(self, trigger: Trigger) -> None:
+        try:
+            await self.start((), trigger)
+        except UpdateBusyError as exc:
+            log.warning("update.started", message=f"scheduled run skipped: {exc}")
+
+
+async def _sleep_until(moment: datetime) -> None:
+    """Sleep in bounded steps so that a suspended machine or a clock change is noticed."""
+    while (left := (moment - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
+        await asyncio.sleep(min(left, 60.0))
+
+
+def _failed(run_id: str, stack: StackSpec, at: datetime, error: str) -> StackUpdateResult:
+    return StackUpdateResult(
+        run=run_id,
+        stack=stack.name,
+        unit=stack.update_unit,
+        result="failed",
+        started_at=at,
+        finished_at=datetime.now(UTC),
+        error=error,
+    )
+
+
+def run_summary_json(run: UpdateRun) -> dict[str, Any]:
+    doc = run_to_json(run)
+    doc["summary"] = summary_message(run)
+    doc["succeeded"] = run.succeeded
+    doc["failed"] = run.failed
+    doc["result"] = run.result
+    return doc
