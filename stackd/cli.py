@@ -1,0 +1,292 @@
+"""Argument parsing and output. The client paths (status, check, update, history, reload)
+import only the light D-Bus client; the daemon and config code load only where needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from stackd import __version__
+from stackd.errors import StackdError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DESCRIPTION = """\
+stackd runs docker/podman compose stacks as systemd user services. It renders one
+<stack>.service (and <stack>-update.service) per configured stack, keeps the user manager
+loading exactly those definitions, reports any other source of the same unit live, and
+runs scheduled updates (compose pull, then compose up -d --remove-orphans).
+
+exit codes: 0 fine; 1 findings present or a stack failed; 2 usage or config error;
+3 daemon or user manager unreachable."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stackd",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stackd {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        type=Path,
+        help="config file (default: $STACKD_CONFIG, else $XDG_CONFIG_HOME/stackd/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "daemon",
+        help="run the daemon in the foreground (what stackd.service runs)",
+        description="Run the daemon in the foreground; logs go to the journal when it is "
+        "there, else to stderr. SIGHUP re-reads the config, SIGTERM stops.",
+    )
+
+    p = sub.add_parser(
+        "status",
+        help="show stacks, their units and findings from the daemon's live view",
+        description="Show each stack's unit state and where its definition comes from, "
+        "as the running daemon sees it. Exit 1 when findings are present or a stack failed.",
+    )
+    p.add_argument("stacks", nargs="*", metavar="STACK", help="only these stacks")
+    p.add_argument("--json", action="store_true", help="print the status document (version 1)")
+
+    p = sub.add_parser(
+        "check",
+        help="verify unit ownership now (exit 1 on findings)",
+        description="Verify that the user manager loads exactly the units stackd owns: no "
+        "shadowing copies, foreign drop-ins, masks, stale or drifted files.",
+    )
+    p.add_argument(
+        "--offline",
+        action="store_true",
+        help="ask the user manager directly, without the daemon (post-switch assertion)",
+    )
+    p.add_argument("--json", action="store_true", help="print findings as JSON")
+
+    p = sub.add_parser(
+        "update",
+        help="run the update orchestration now",
+        description="Pull and re-create the given stacks (all update-enabled stacks when none "
+        "is named) through their -update.service units, continuing past failures.",
+    )
+    p.add_argument("stacks", nargs="*", metavar="STACK", help="only these stacks")
+    p.add_argument("--no-wait", action="store_true", help="start the run and return")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    p = sub.add_parser("history", help="show past update runs")
+    p.add_argument("--limit", type=_positive_int, default=10, metavar="N", help="runs to show")
+    p.add_argument("--json", action="store_true", help="print runs as JSON")
+
+    p = sub.add_parser(
+        "render",
+        help="print the units stackd would write",
+        description="Print the unit files rendered from the config (no daemon needed).",
+    )
+    p.add_argument("--diff", action="store_true", help="show a diff against unit_dir instead")
+
+    sub.add_parser(
+        "reload",
+        help="make the daemon re-read its config and reconcile",
+        description="Ask the daemon to re-read the config. A config that does not validate is "
+        "reported (exit 2) and the daemon keeps the last good one.",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _home_short(path: str) -> str:
+    home = os.environ.get("HOME", "")
+    if home and path.startswith(home.rstrip("/") + "/"):
+        return "~" + path[len(home.rstrip("/")) :]
+    return path
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    daemon = doc["daemon"]
+    lines = [
+        f"stackd pid {daemon['pid']}, up since {daemon['started_at']}, "
+        f"user manager {daemon['manager']}",
+        f"config: {_home_short(daemon['config'])}",
+    ]
+    if daemon.get("config_error"):
+        lines.append(
+            f"config NOT reloaded (running on the last good one): {daemon['config_error']}"
+        )
+    if not doc["stacks"]:
+        lines.append(
+            "no stacks configured: add one with `stackd init NAME --directory DIR`, or add a "
+            "[stacks.NAME] table to the config file, then `stackd reload`"
+        )
+    else:
+        rows = [["STACK", "UNIT", "STATE", "SOURCE", "FINDINGS"]]
+        for stack in doc["stacks"]:
+            state = f"{stack['active_state']}/{stack['sub_state']}"
+            if stack["load_state"] != "loaded":
+                state = stack["load_state"]
+            source = _home_short(stack["fragment_path"]) or "-"
+            if stack["drop_in_paths"]:
+                source += f" (+{len(stack['drop_in_paths'])} drop-ins)"
+            kinds = sorted({f["kind"] for f in stack["findings"]})
+            rows.append([stack["name"], stack["unit"], state, source, ",".join(kinds) or "-"])
+        lines.append("")
+        lines.append(_table(rows))
+    if doc["findings"]:
+        lines.append("")
+        lines.append("findings:")
+        lines += [_format_finding(f) for f in doc["findings"]]
+    return "\n".join(lines)
+
+
+def _format_finding(f: dict[str, Any]) -> str:
+    where = f["unit"] or "(global)"
+    text = f"  {f['kind']:<17} {where}"
+    if f.get("detail"):
+        text += f": {f['detail']}"
+    if f.get("source"):
+        text += f" [{f['source']}, since {f['since']}]"
+    return text
+
+
+def _status_exit(doc: dict[str, Any]) -> int:
+    failed = any(s["active_state"] == "failed" for s in doc["stacks"])
+    return EXIT_FINDINGS if doc["findings"] or failed else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from stackd.client import DaemonClient
+
+    with DaemonClient() as client:
+        doc = client.call("GetStatus", "as", list(args.stacks))
+    if args.json:
+        _print_json(doc)
+    else:
+        sys.stdout.write(format_status(doc) + "\n")
+    return _status_exit(doc)
+
+
+def _format_findings_report(findings: list[dict[str, Any]]) -> str:
+    if not findings:
+        return "ownership verified: every owned unit is loaded from stackd's own file"
+    return "\n".join([f"{len(findings)} finding(s):", *(_format_finding(f) for f in findings)])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.offline:
+        from stackd.offline import offline_check
+
+        doc = offline_check(args.config, os.environ)
+    else:
+        from stackd.client import DaemonClient
+
+        with DaemonClient(timeout=120.0) as client:
+            doc = client.call("Check")
+    if args.json:
+        _print_json(doc)
+    else:
+        sys.stdout.write(_format_findings_report(doc["findings"]) + "\n")
+    if any(f["kind"] == "manager-unavailable" for f in doc["findings"]):
+        return EXIT_UNREACHABLE
+    return EXIT_FINDINGS if doc["findings"] else EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from stackd.client import DaemonClient
+
+    with DaemonClient(timeout=120.0) as client:
+        doc = client.call("Reload")
+    if doc.get("reloaded"):
+        sys.stdout.write(f"config reloaded from {doc['config']}\n")
+        return EXIT_OK
+    sys.stderr.write(
+        f"stackd: config not reloaded, the daemon keeps the last good one: {doc.get('error')}\n"
+    )
+    return EXIT_USAGE
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from stackd.offline import render_command
+
+    text = render_command(args.config, os.environ, diff=args.diff)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from stackd.adapters.journal import configure_logging
+
+    configure_logging()
+    from stackd.daemon import run_daemon
+
+    return run_daemon(args.config, os.environ)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from stackd.updatecli import run_update_command
+
+    return run_update_command(args)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from stackd.updatecli import run_history_command
+
+    return run_history_command(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "daemon": cmd_daemon,
+    "status": cmd_status,
+    "check": cmd_check,
+    "update": cmd_update,
+    "history": cmd_history,
+    "render": cmd_render,
+    "reload": cmd_reload,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        os.environ["STACKD_CONFIG"] = str(args.config)
+    try:
+        return COMMANDS[args.command](args)
+    except StackdError as exc:
+        sys.stderr.write(f"stackd: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK

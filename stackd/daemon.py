@@ -1,0 +1,450 @@
+"""The composition root: builds the adapters, runs the task group, owns the lifecycle.
+
+startup -> serve (connection loop, watchdog, signals) -> bounded graceful shutdown. The
+first SIGTERM/SIGINT starts the shutdown; a second one forces it. SIGHUP re-reads config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from dbus_fast import NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from stackd.adapters.calendar import CalendarError
+from stackd.adapters.notify import Notifier
+from stackd.adapters.store import HistoryStore, state_dir
+from stackd.adapters.systemd import SystemdManager
+from stackd.api import BUS_NAME, OBJECT_PATH, DaemonApi
+from stackd.busaddr import user_bus_address
+from stackd.core.findings import FindingBook, FindingDelta
+from stackd.core.models import Config, Finding, FindingKind, FindingSource
+from stackd.core.status import DaemonInfo, build_status, finding_to_json
+from stackd.errors import ConfigError, ManagerUnavailableError, StackdError, UsageError
+from stackd.reconcile import Reconciler
+from stackd.settings import load_config
+from stackd.updater import Updater, run_summary_json
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = structlog.get_logger("stackd")
+
+SHUTDOWN_BOUND_S = 10.0
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+class NameTakenError(StackdError):
+    exit_code = 1
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _ManagerPresence:
+    """Whether org.freedesktop.systemd1 is on the bus, as two events to wait on."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+        self.back = asyncio.Event()
+
+    def reset(self) -> None:
+        self.lost.clear()
+        self.back.clear()
+
+    def changed(self, present: bool) -> None:
+        (self.back if present else self.lost).set()
+
+
+class Daemon:
+    """Long-running state: last good config, the manager connection, findings, status view."""
+
+    def __init__(self, config_path: Path | None, environ: Mapping[str, str]) -> None:
+        self._config_path = config_path
+        self._environ = environ
+        self.config: Config = load_config(config_path, environ)
+        self.config_error: str | None = None
+        self.started_at = _now()
+        self.pid = os.getpid()
+        self.notifier = Notifier.from_environ(environ)
+        self.manager: SystemdManager | None = None
+        self.api: DaemonApi | None = None
+        self.book = FindingBook()
+        self.reconciler = Reconciler(self)
+        self.updater = Updater(
+            store=HistoryStore.in_dir(state_dir(environ)),
+            manager=self._live_manager,
+            config=lambda: self.config,
+            emit=self._emit,
+            on_change=self.invalidate,
+        )
+        self._schedule_task: asyncio.Task[None] | None = None
+        self._recovered = False
+        self._stop = asyncio.Event()
+        self._ready = False
+        self._manager_lost = asyncio.Event()
+        self._status_cache: str | None = None
+        self._dirty_units: set[str] = set()
+        self._reevaluate = asyncio.Event()
+
+    # -- views ---------------------------------------------------------------------------
+
+    def _live_manager(self) -> SystemdManager:
+        if self.manager is None or not self.manager.available:
+            raise ManagerUnavailableError("the systemd user manager is not connected")
+        return self.manager
+
+    def _emit(self, signal_name: str, payload: dict[str, Any]) -> None:
+        if self.api is not None:
+            self.api.emit(signal_name, payload)
+
+    @property
+    def manager_connected(self) -> bool:
+        return self.manager is not None and self.manager.available
+
+    def invalidate(self) -> None:
+        self._status_cache = None
+
+    def status_json(self, stacks: list[str]) -> str:
+        unknown = [s for s in stacks if self.config.stack(s) is None]
+        if unknown:
+            raise UsageError(
+                f"no stack named {', '.join(unknown)} in {self.config_label}; "
+                f"configured: {', '.join(s.name for s in self.config.stacks) or 'none'}"
+            )
+        if not stacks and self._status_cache is not None:
+            return self._status_cache
+        doc = build_status(
+            daemon=DaemonInfo(
+                pid=self.pid,
+                started_at=self.started_at,
+                config=self.config_label,
+                unit_dir=str(self.config.daemon.unit_dir),
+                manager_connected=self.manager_connected,
+                config_error=self.config_error,
+            ),
+            config=self.config,
+            units=self.manager.units if self.manager else {},
+            findings=self.book.all(),
+            only=stacks,
+            last_updates=self.updater.last_updates_json(),
+            next_update={
+                s.name: self.updater.next_run if s.update else None for s in self.config.stacks
+            },
+            next_run=self.updater.next_run,
+            last_run=self.updater.last_run_json(),
+            update_running=self.updater.current.run if self.updater.current else None,
+            state_error=self.updater.store_error,
+        )
+        text = json.dumps(doc)
+        if not stacks:
+            self._status_cache = text
+        return text
+
+    @property
+    def config_label(self) -> str:
+        if self.config.source is not None:
+            return str(self.config.source)
+        return "(built-in default: no config file)"
+
+    async def check_json(self) -> str:
+        await self.reconciler.verify()
+        findings = [finding_to_json(t.finding, t.since) for t in self.book.all()]
+        return json.dumps({"version": 1, "findings": findings})
+
+    async def start_update(self, stacks: list[str]) -> str:
+        self._live_manager()
+        run = await self.updater.start(stacks, "manual")
+        return json.dumps({"run": run.run, "stacks": list(run.stacks)})
+
+    def history_json(self, limit: int) -> str:
+        runs = self.updater.history(limit)
+        return json.dumps({"version": 1, "runs": [run_summary_json(r) for r in runs]})
+
+    async def reload_json(self) -> str:
+        ok = await self.reload_config()
+        return json.dumps({"reloaded": ok, "config": self.config_label, "error": self.config_error})
+
+    # -- findings --------------------------------------------------------------------------
+
+    def publish(self, delta: FindingDelta) -> None:
+        """Tell the world once about each finding raised or cleared."""
+        if not delta:
+            return
+        self.invalidate()
+        for timed in delta.raised:
+            f = timed.finding
+            payload = finding_to_json(f, timed.since)
+            log.warning(
+                "finding.raised",
+                message=f"{f.kind.value} {f.unit or '(global)'}: {f.detail}".rstrip(": "),
+                unit=f.unit or None,
+                stack=f.stack,
+                kind=f.kind.value,
+                paths=list(f.paths),
+                source=f.source.value,
+            )
+            if self.api:
+                self.api.emit("FindingRaised", payload)
+        for timed in delta.cleared:
+            f = timed.finding
+            log.info(
+                "finding.cleared",
+                message=f"{f.kind.value} {f.unit or '(global)'} cleared",
+                unit=f.unit or None,
+                stack=f.stack,
+                kind=f.kind.value,
+                paths=list(f.paths),
+                source=f.source.value,
+            )
+            if self.api:
+                self.api.emit("FindingCleared", finding_to_json(f, timed.since))
+
+    def _set_manager_unavailable(self, reason: str) -> None:
+        finding = Finding(
+            kind=FindingKind.MANAGER_UNAVAILABLE,
+            unit="",
+            source=FindingSource.MANAGER,
+            detail=f"the systemd user manager cannot be reached ({reason}); "
+            "stackd keeps retrying. Check `systemctl --user status`",
+        )
+        self.publish(
+            self.book.replace(
+                [finding], _now(), scope=lambda f: f.kind is FindingKind.MANAGER_UNAVAILABLE
+            )
+        )
+
+    def _clear_manager_unavailable(self) -> None:
+        self.publish(
+            self.book.replace([], _now(), scope=lambda f: f.kind is FindingKind.MANAGER_UNAVAILABLE)
+        )
+
+    # -- config ----------------------------------------------------------------------------
+
+    async def reload_config(self) -> bool:
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_path, self._environ)
+        except ConfigError as exc:
+            self.config_error = str(exc)
+            self.invalidate()
+            log.error(
+                "config.invalid",
+                message=f"config not reloaded, keeping the last good one: {exc}",
+                file=exc.file,
+                key=exc.key,
+                reason=exc.reason,
+            )
+            self.notifier.ready(self._status_line())
+            return False
+        self.config = new
+        self.config_error = None
+        self.invalidate()
+        log.info("config.reloaded", config=self.config_label, stacks=len(new.stacks))
+        self._restart_schedule()
+        if self.manager_connected:
+            await self.reconciler.run("reload")
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _status_line(self) -> str:
+        manager = "connected" if self.manager_connected else "unavailable"
+        return (
+            f"{len(self.config.stacks)} stacks, {len(self.book)} findings, user manager {manager}"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_stop(signame: str) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                log.warning("daemon.stopping", message=f"second {signame}: forcing exit")
+                os._exit(1)
+            self._stop.set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload_config())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._background: set[asyncio.Task[Any]] = set()
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, on_stop, name)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                connection = tg.create_task(self._connection_loop())
+                watchdog = tg.create_task(self._watchdog())
+                await self._stop.wait()
+                log.info("daemon.stopping", message="stopping on request")
+                self.notifier.stopping()
+                connection.cancel()
+                watchdog.cancel()
+                if self._schedule_task is not None:
+                    self._schedule_task.cancel()
+                for task in self._background:
+                    task.cancel()
+        except* NameTakenError as group:
+            log.error("daemon.stopping", message=str(group.exceptions[0]))
+            raise group.exceptions[0] from None
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _connection_loop(self) -> None:
+        backoff = BACKOFF_START_S
+        while True:
+            bus: MessageBus | None = None
+            try:
+                bus = await MessageBus(bus_address=user_bus_address(self._environ)).connect()
+                await self._serve(bus)
+                backoff = BACKOFF_START_S
+            except (OSError, EOFError, ManagerUnavailableError) as exc:
+                self._set_manager_unavailable(str(exc) or type(exc).__name__)
+                log.warning(
+                    "manager.unavailable",
+                    message=f"user bus or manager unavailable, retrying in {backoff:.1f}s: {exc}",
+                )
+            finally:
+                if self.manager is not None:
+                    self.manager.fail_pending_jobs()
+                self.api = None
+                if bus is not None and bus.connected:
+                    bus.disconnect()
+            self._mark_ready()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _serve(self, bus: MessageBus) -> None:
+        """One life of the bus connection: own the name, serve the API, follow the manager."""
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise NameTakenError(
+                f"another stackd daemon already owns {BUS_NAME} on this user bus; "
+                "stop it first (`systemctl --user stop stackd`) or use `stackd status`"
+            )
+        self.api = DaemonApi(bus, self)
+        manager = SystemdManager(bus)
+        self.manager = manager
+        presence = _ManagerPresence()
+
+        def on_manager_event(kind: str, payload: Any) -> None:
+            self.invalidate()
+            if kind == "owner":
+                presence.changed(bool(payload))
+            elif kind in ("unit", "reloaded", "unit-files"):
+                self.reconciler.poke(kind, payload)
+
+        manager.add_listener(on_manager_event)
+        disconnected: asyncio.Future[Any] = asyncio.ensure_future(
+            bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        )
+        try:
+            while True:
+                await self._follow_manager(manager, presence, disconnected)
+                # Wait until the manager is back on the bus (or a bounded retry interval).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(presence.back.wait(), BACKOFF_MAX_S)
+                if disconnected.done():
+                    raise ManagerUnavailableError("the user bus connection was closed")
+        finally:
+            disconnected.cancel()
+            manager.available = False
+            self.invalidate()
+
+    async def _follow_manager(
+        self,
+        manager: SystemdManager,
+        presence: _ManagerPresence,
+        disconnected: asyncio.Future[Any],
+    ) -> None:
+        """Subscribe, snapshot, reconcile; return when the manager leaves the bus."""
+        presence.reset()
+        try:
+            await manager.subscribe()
+            await manager.watch(self.reconciler.watched_units())
+            self._clear_manager_unavailable()
+            log.info("manager.connected", message="connected to the systemd user manager")
+            await self.reconciler.run("start" if not self._ready else "reconnect")
+            self._mark_ready()
+            if not self._recovered:
+                self._recovered = True
+                await self.updater.recover()
+                self._restart_schedule()
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(presence.lost.wait())
+            await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if disconnected.done():
+                raise ManagerUnavailableError("the user bus connection was closed")
+            manager.available = False
+            self._set_manager_unavailable("the manager left the bus")
+            log.warning("manager.unavailable", message="the user manager left the bus")
+        except ManagerUnavailableError as exc:
+            if disconnected.done():
+                raise
+            manager.available = False
+            self._set_manager_unavailable(str(exc))
+            self._mark_ready()
+            log.warning("manager.unavailable", message=str(exc))
+
+    def _restart_schedule(self) -> None:
+        """(Re)start the scheduler with the current config; a running update is unaffected."""
+        if self._schedule_task is not None:
+            self._schedule_task.cancel()
+        self._schedule_task = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def _schedule(self) -> None:
+        try:
+            await self.updater.schedule_loop()
+        except CalendarError as exc:
+            log.error(
+                "config.invalid",
+                message=f"updates.schedule {self.config.updates.schedule!r}: {exc}; no "
+                "scheduled updates until the config is fixed",
+                key="updates.schedule",
+                reason=str(exc),
+            )
+
+    def _mark_ready(self) -> None:
+        if not self._ready:
+            self._ready = True
+            log.info(
+                "daemon.started",
+                message=f"stackd started: {self._status_line()}",
+                pid=self.pid,
+                config=self.config_label,
+            )
+        self.notifier.ready(self._status_line())
+
+
+def run_daemon(config_path: Path | None, environ: Mapping[str, str]) -> int:
+    """Entry point of `stackd daemon`: config errors surface before anything starts."""
+    daemon = Daemon(config_path, environ)
+    return asyncio.run(daemon.run())
+
+
+__all__ += ["OBJECT_PATH"]

@@ -1,0 +1,375 @@
+"""Reconcile and verify: the daemon's use of the pure core, with the I/O around it.
+
+    gather (stack files, unit_dir, manager state) -> plan_reconcile -> write/remove, Reload,
+    start/restart -> scan the search path -> evaluate -> publish findings
+
+Reconciles are serialized; verification is coalesced so that a burst of signals costs one
+scan, never a storm of D-Bus calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from stackd.adapters import unitfiles
+from stackd.adapters.stackfiles import StackFiles, inspect_stack
+from stackd.adapters.systemd import JobOutcome, SystemdError
+from stackd.adapters.unitdirs import scan
+from stackd.core.models import Config, Finding, FindingKind, FindingSource, StackSpec
+from stackd.core.ownership import UnitExpectation, evaluate
+from stackd.core.plan import ReconcilePlan, plan_reconcile
+from stackd.core.render import RenderInput, read_marker, render_stack_units
+from stackd.errors import ManagerUnavailableError
+
+if TYPE_CHECKING:
+    from stackd.adapters.systemd import SystemdManager
+    from stackd.daemon import Daemon
+
+__all__ = ["DesiredUnits", "Reconciler", "desired_units"]
+
+log = structlog.get_logger("stackd")
+
+# Extra time a start job gets beyond the unit's own TimeoutStartSec before we stop waiting.
+JOB_MARGIN_S = 15.0
+VERIFY_COALESCE_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredUnits:
+    """What stackd would write, and the stacks that cannot be rendered (config findings)."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    files: dict[str, StackFiles] = field(default_factory=dict)
+    broken: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+
+def desired_units(config: Config) -> DesiredUnits:
+    """Render every managed stack whose files are in order (reads compose files)."""
+    out = DesiredUnits()
+    for stack in config.stacks:
+        files = inspect_stack(stack)
+        out.files[stack.name] = files
+        if files.problems:
+            out.broken[stack.name] = files.problems
+            continue
+        if not stack.managed:
+            continue
+        out.texts.update(
+            render_stack_units(
+                RenderInput(
+                    stack=stack,
+                    compose_command=config.daemon.compose_command,
+                    startup_timeout_s=config.startup_timeout_of(stack),
+                    update_timeout_s=config.updates.timeout_s,
+                    compose_digest=files.compose_digest,
+                    env_files=files.env_files,
+                )
+            )
+        )
+    return out
+
+
+def config_findings(config: Config, desired: DesiredUnits) -> list[Finding]:
+    findings = []
+    for name, problems in desired.broken.items():
+        stack = config.stack(name)
+        assert stack is not None
+        for path, reason in problems:
+            findings.append(
+                Finding(
+                    kind=FindingKind.CONFIG,
+                    unit=stack.unit,
+                    stack=name,
+                    paths=(path,),
+                    source=FindingSource.DISK,
+                    detail=f"stack {name}: {path}: {reason}; the stack's units are left as "
+                    "they are until this is fixed",
+                )
+            )
+    return findings
+
+
+class Reconciler:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._lock = asyncio.Lock()
+        self._verify_task: asyncio.Task[None] | None = None
+        self._verify_again = False
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._legacy_seen: dict[str, tuple[tuple[str, str], ...]] = {}
+        self.last_desired: DesiredUnits | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._daemon.config
+
+    def watched_units(self) -> list[str]:
+        units = []
+        for stack in self.config.stacks:
+            units += [stack.unit, stack.update_unit]
+        return units
+
+    def _manager(self) -> SystemdManager:
+        manager = self._daemon.manager
+        if manager is None or not manager.available:
+            raise ManagerUnavailableError("the user manager is not connected")
+        return manager
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def run(self, reason: str) -> ReconcilePlan | None:
+        async with self._lock:
+            try:
+                return await self._run(reason)
+            except ManagerUnavailableError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "reconcile.failed",
+                    message=f"reconcile ({reason}) failed: {exc}",
+                    reason=reason,
+                    error=str(exc),
+                )
+                return None
+
+    async def _run(self, reason: str) -> ReconcilePlan:
+        config = self.config
+        manager = self._manager()
+        unit_dir = config.daemon.unit_dir
+        desired = await asyncio.to_thread(desired_units, config)
+        self._log_legacy(config, desired)
+        present = await asyncio.to_thread(unitfiles.read_owned, unit_dir, desired.texts)
+        # A stack in error keeps whatever it has: its files count as desired as they are.
+        wanted = dict(desired.texts)
+        for name in desired.broken:
+            stack = config.stack(name)
+            assert stack is not None
+            for unit in (stack.unit, stack.update_unit):
+                state = present.get(unit)
+                if state is not None and state.text is not None:
+                    wanted[unit] = state.text
+        # Configured stacks are brought up when the daemon (or the manager) starts; later
+        # reconciles start and restart only what changed, so a stack stopped by hand stays so.
+        active = None
+        if reason in ("start", "reconnect"):
+            active = {name: state.active_state for name, state in manager.units.items()}
+        plan = plan_reconcile(wanted, present, heal=config.daemon.heal, active=active)
+        self.last_desired = desired
+
+        for unit in plan.stop:
+            with contextlib.suppress(SystemdError):
+                await manager.run_job("stop", unit, within_s=config.daemon.startup_timeout_s)
+        for name, text in plan.writes:
+            await asyncio.to_thread(unitfiles.write_unit, unit_dir, name, text)
+            log.info(
+                "unit.written",
+                message=f"wrote {unit_dir / name}",
+                unit=name,
+                path=str(unit_dir / name),
+            )
+        for name in plan.removals:
+            if await asyncio.to_thread(unitfiles.remove_unit, unit_dir, name):
+                log.info(
+                    "unit.removed",
+                    message=f"removed {unit_dir / name}",
+                    unit=name,
+                    path=str(unit_dir / name),
+                )
+        for name, why in plan.refused:
+            log.warning(
+                "reconcile.failed",
+                message=f"left {unit_dir / name} alone: {why}",
+                unit=name,
+                path=str(unit_dir / name),
+                reason=why,
+            )
+        if plan.reload:
+            await manager.reload()
+        await manager.watch(self.watched_units())
+        await self._verify_now()
+        self._start_jobs(plan, reason)
+        return plan
+
+    def _start_jobs(self, plan: ReconcilePlan, reason: str) -> None:
+        config = self.config
+        manager = self._manager()
+        todo = [("start", u) for u in plan.start] + [("restart", u) for u in plan.restart]
+
+        async def one(verb: str, unit: str) -> JobOutcome:
+            stack = next((s for s in config.stacks if s.unit == unit), None)
+            bound = (config.startup_timeout_of(stack) if stack else 120.0) + JOB_MARGIN_S
+            try:
+                return await manager.run_job(verb, unit, within_s=bound)
+            except (SystemdError, ManagerUnavailableError) as exc:
+                return JobOutcome(unit=unit, job="", result=f"refused: {exc}")
+
+        async def all_jobs() -> None:
+            outcomes = await asyncio.gather(*(one(v, u) for v, u in todo))
+            failed = [o for o in outcomes if o.result != "done"]
+            for outcome in failed:
+                log.error(
+                    "reconcile.failed",
+                    message=f"{outcome.unit}: start job ended with {outcome.result}",
+                    unit=outcome.unit,
+                    result=outcome.result,
+                )
+            log.info(
+                "reconcile.finished",
+                message=(
+                    f"reconcile ({reason}): {len(plan.writes)} written, "
+                    f"{len(plan.removals)} removed, {len(plan.start)} started, "
+                    f"{len(plan.restart)} restarted, {len(failed)} failed"
+                ),
+                reason=reason,
+                written=len(plan.writes),
+                removed=len(plan.removals),
+                started=list(plan.start),
+                restarted=list(plan.restart),
+                failed=[o.unit for o in failed],
+            )
+            self.request_verify()
+
+        task = asyncio.get_running_loop().create_task(all_jobs())
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(_log_crash)
+
+    async def wait_jobs(self) -> None:
+        while self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    def _log_legacy(self, config: Config, desired: DesiredUnits) -> None:
+        for name, files in desired.files.items():
+            if files.legacy_fallback and self._legacy_seen.get(name) != files.legacy_fallback:
+                for missing, used in files.legacy_fallback:
+                    log.warning(
+                        "env.legacy_fallback",
+                        message=(
+                            f"stack {name}: env file {missing or '(none configured)'} is "
+                            f"missing, using deprecated legacy env file {used}; move the "
+                            "secrets to env_files"
+                        ),
+                        stack=name,
+                        missing=missing,
+                        legacy=used,
+                    )
+            self._legacy_seen[name] = files.legacy_fallback
+
+    # -- verify ---------------------------------------------------------------------------
+
+    def poke(self, kind: str, payload: Any) -> None:
+        """A manager signal touched something we verify: re-evaluate soon (coalesced)."""
+        self.request_verify()
+
+    def request_verify(self) -> None:
+        if self._verify_task is not None and not self._verify_task.done():
+            self._verify_again = True
+            return
+        self._verify_task = asyncio.get_running_loop().create_task(self._verify_loop())
+
+    async def _verify_loop(self) -> None:
+        while True:
+            self._verify_again = False
+            await asyncio.sleep(VERIFY_COALESCE_S)
+            async with self._lock:
+                with contextlib.suppress(ManagerUnavailableError, SystemdError):
+                    await self._verify_now()
+            if not self._verify_again:
+                return
+
+    async def verify(self) -> None:
+        """A fresh verification (for `stackd check`): re-read the manager, then evaluate."""
+        async with self._lock:
+            manager = self._manager()
+            await manager.refresh()
+            await self._verify_now()
+
+    async def _verify_now(self) -> None:
+        config = self.config
+        manager = self._manager()
+        desired = self.last_desired
+        if desired is None:
+            desired = await asyncio.to_thread(desired_units, config)
+        search_path = await manager.unit_path()
+        findings = await asyncio.to_thread(
+            compute_findings, config, desired, search_path, manager.units, manager.available
+        )
+        delta = self._daemon.book.replace(
+            findings,
+            datetime.now(UTC),
+            scope=lambda f: f.kind is not FindingKind.MANAGER_UNAVAILABLE,
+        )
+        self._daemon.publish(delta)
+        self._daemon.invalidate()
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("reconcile.failed", message=f"start/restart jobs failed: {exc!r}")
+
+
+def expectations(config: Config, desired: DesiredUnits) -> dict[str, UnitExpectation]:
+    unit_dir = str(config.daemon.unit_dir)
+    out: dict[str, UnitExpectation] = {}
+    for stack in config.stacks:
+        if stack.name in desired.broken:
+            continue
+        for unit in (stack.unit, stack.update_unit):
+            if not stack.managed and unit == stack.update_unit:
+                continue  # adopted stacks may have no update unit of their own
+            out[unit] = UnitExpectation(
+                unit=unit,
+                stack=stack.name,
+                expected_path=str(Path(unit_dir) / unit),
+                expected_text=desired.texts.get(unit) if stack.managed else None,
+            )
+    return out
+
+
+def compute_findings(
+    config: Config,
+    desired: DesiredUnits,
+    search_path: Iterable[str],
+    loaded: Any,
+    manager_available: bool,
+) -> list[Finding]:
+    """Scan the search path and evaluate ownership (runs in a worker thread)."""
+    units = expectations(config, desired)
+    unit_dir = str(config.daemon.unit_dir)
+    disk = scan(list(search_path), list(units), unit_dir)
+    findings = evaluate(
+        units=units,
+        disk=disk,
+        loaded=dict(loaded),
+        unit_dir=unit_dir,
+        allowed_dropin_dirs=[str(p) for p in config.daemon.allowed_dropin_dirs],
+        manager_available=manager_available,
+        marker_of=read_marker,
+    )
+    findings = [f for f in findings if f.kind is not FindingKind.MANAGER_UNAVAILABLE]
+    search_path = list(search_path)
+    if search_path and unit_dir not in search_path:
+        findings.append(
+            Finding(
+                kind=FindingKind.CONFIG,
+                unit="",
+                paths=(unit_dir,),
+                source=FindingSource.MANAGER,
+                detail=f"unit_dir {unit_dir} is not on the user manager's unit search path: "
+                "units written there are never loaded; set daemon.unit_dir to "
+                "~/.config/systemd/user",
+            )
+        )
+    return findings + config_findings(config, desired)
+
+
+def stacks_of(config: Config) -> list[StackSpec]:
+    return list(config.stacks)
