@@ -102,6 +102,48 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the daemon to re-read the config. A config that does not validate is "
         "reported (exit 2) and the daemon keeps the last good one.",
     )
+    p = sub.add_parser(
+        "setup",
+        help="install and start stackd's own user service (idempotent)",
+        description="Write ~/.config/systemd/user/stackd.service with ExecStart pointing at "
+        "this stackd, reload the user manager and enable --now the service. Run it again at "
+        "any time; --uninstall removes what it did.",
+    )
+    p.add_argument("--uninstall", action="store_true", help="stop, disable and remove the unit")
+    p.add_argument(
+        "--purge", action="store_true", help="with --uninstall: also remove config and state"
+    )
+    p.add_argument("--no-start", action="store_true", help="write and enable, do not start")
+
+    p = sub.add_parser(
+        "init",
+        help="add a stack to the config",
+        description="Add a [stacks.NAME] table to the config file (created if missing), "
+        "validated before it is written, then ask a running daemon to reload.",
+    )
+    p.add_argument("name", metavar="STACK", help="stack name (also the unit name)")
+    p.add_argument("--directory", required=True, type=Path, help="the stack's directory")
+    p.add_argument(
+        "--compose-file", action="append", default=[], metavar="FILE", dest="compose_files"
+    )
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE", dest="env_files")
+    p.add_argument("--no-update", action="store_true", help="leave out of scheduled updates")
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="units are written by another tool (managed = false): verify and update only",
+    )
+
+    p = sub.add_parser(
+        "doctor",
+        help="check what a rootless setup needs, and say how to fix each gap",
+        description="Check the user manager, lingering, the compose provider and engine, "
+        "unit_dir on the search path, subuid/subgid and the daemon. Exit 1 if a check fails.",
+    )
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", choices=["bash", "zsh", "fish"])
     return parser
 
 
@@ -265,6 +307,31 @@ def cmd_history(args: argparse.Namespace) -> int:
     return run_history_command(args)
 
 
+def cmd_setup(args: argparse.Namespace) -> int:
+    from stackd.setup import run_setup
+
+    return run_setup(args)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from stackd.setup import run_init
+
+    return run_init(args)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from stackd.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from stackd.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "daemon": cmd_daemon,
     "status": cmd_status,
@@ -273,6 +340,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": cmd_history,
     "render": cmd_render,
     "reload": cmd_reload,
+    "setup": cmd_setup,
+    "init": cmd_init,
+    "doctor": cmd_doctor,
+    "completion": cmd_completion,
 }
 
 
