@@ -35,8 +35,9 @@ async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[F
     except (OSError, EOFError, ValueError) as exc:
         raise ManagerUnavailableError(str(exc)) from exc
     try:
+        # No Subscribe and no signal matches: a one-shot reader follows no changes, and a
+        # subscriber only makes the manager signal UnitNew/UnitRemoved for every unit loaded.
         manager = SystemdManager(bus, max_in_flight=64)
-        await manager.subscribe()
         units = []
         for stack in config.stacks:
             units += [stack.unit, stack.update_unit]

@@ -5,14 +5,21 @@
 
 Reconciles are serialized; verification is coalesced so that a burst of signals costs one
 scan, never a storm of D-Bus calls.
+
+Drift (a hand-edited owned file) with `daemon.heal = "repair"`: a verification that raises a
+new `drift` finding runs a reconcile ("repair": rewrite, Reload, restart the stack on
+stackd's definition), and so does `stackd check` while any drift is present, so its answer is
+what is left after the repair. With "report" the file is left as it is and reported. A file
+stackd may never write (no marker, a symlink) stays `drift` in both modes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +30,15 @@ from stackd.adapters import unitfiles
 from stackd.adapters.stackfiles import StackFiles, inspect_stack
 from stackd.adapters.systemd import JobOutcome, SystemdError
 from stackd.adapters.unitdirs import scan
-from stackd.core.models import Config, Finding, FindingKind, FindingSource, StackSpec
+from stackd.core.findings import FindingDelta
+from stackd.core.models import (
+    Config,
+    Finding,
+    FindingKind,
+    FindingSource,
+    HealMode,
+    StackSpec,
+)
 from stackd.core.ownership import UnitExpectation, evaluate
 from stackd.core.plan import ReconcilePlan, plan_reconcile
 from stackd.core.render import RenderInput, read_marker, render_stack_units
@@ -148,8 +163,11 @@ class Reconciler:
         self._log_legacy(config, desired)
         present = await asyncio.to_thread(unitfiles.read_owned, unit_dir, desired.texts)
         # A stack in error keeps whatever it has: its files count as desired as they are.
+        # So does an adopted one (managed = false): a stack handed over to another tool keeps
+        # the files stackd wrote for it, and keeps running, until that tool replaces them.
         wanted = dict(desired.texts)
-        for name in desired.broken:
+        keep = set(desired.broken) | {s.name for s in config.stacks if not s.managed}
+        for name in sorted(keep):
             stack = config.stack(name)
             assert stack is not None
             for unit in (stack.unit, stack.update_unit):
@@ -162,6 +180,9 @@ class Reconciler:
         if reason in ("start", "reconnect"):
             active = {name: state.active_state for name, state in manager.units.items()}
         plan = plan_reconcile(wanted, present, heal=config.daemon.heal, active=active)
+        adopted = {s.unit for s in config.stacks if not s.managed}
+        if adopted & set(plan.start):  # the adopting tool starts its units, not stackd
+            plan = replace(plan, start=tuple(u for u in plan.start if u not in adopted))
         self.last_desired = desired
 
         for unit in plan.stop:
@@ -279,20 +300,43 @@ class Reconciler:
         while True:
             self._verify_again = False
             await asyncio.sleep(VERIFY_COALESCE_S)
+            repair = False
             async with self._lock:
                 with contextlib.suppress(ManagerUnavailableError, SystemdError):
-                    await self._verify_now()
+                    delta = await self._verify_now()
+                    # Only drift seen for the first time: a file stackd may not rewrite
+                    # (no marker, a symlink) stays drift and must not start a loop.
+                    repair = self._wants_repair(t.finding for t in delta.raised)
+            if repair:
+                with contextlib.suppress(ManagerUnavailableError):
+                    await self.run("repair")
             if not self._verify_again:
                 return
 
     async def verify(self) -> None:
-        """A fresh verification (for `stackd check`): re-read the manager, then evaluate."""
+        """A fresh verification (for `stackd check`): re-read the manager, then evaluate.
+
+        With `heal = "repair"`, drift in an owned file is repaired on the spot (a reconcile:
+        rewrite, Reload, restart), so the answer reports what is left afterwards.
+        """
         async with self._lock:
             manager = self._manager()
             await manager.refresh()
             await self._verify_now()
+            repair = self._wants_repair(t.finding for t in self._daemon.book.all())
+        if repair:
+            await self.run("repair")
 
-    async def _verify_now(self) -> None:
+    def _wants_repair(self, findings: Iterable[Finding]) -> bool:
+        if self.config.daemon.heal is not HealMode.REPAIR:
+            return False
+        managed = {s.name for s in self.config.stacks if s.managed}
+        return any(
+            f.kind is FindingKind.DRIFT and f.source is FindingSource.DISK and f.stack in managed
+            for f in findings
+        )
+
+    async def _verify_now(self) -> FindingDelta:
         config = self.config
         manager = self._manager()
         desired = self.last_desired
@@ -309,6 +353,7 @@ class Reconciler:
         )
         self._daemon.publish(delta)
         self._daemon.invalidate()
+        return delta
 
 
 def _log_crash(task: asyncio.Task[Any]) -> None:
@@ -345,14 +390,19 @@ def compute_findings(
     units = expectations(config, desired)
     unit_dir = str(config.daemon.unit_dir)
     disk = scan(list(search_path), list(units), unit_dir)
+    # The manager names drop-ins by their resolved directory: accept both spellings.
+    allowed = [str(p) for p in config.daemon.allowed_dropin_dirs]
+    allowed += [real for p in allowed if (real := os.path.realpath(p)) != os.path.normpath(p)]
+    resolved = os.path.realpath(unit_dir)
     findings = evaluate(
         units=units,
         disk=disk,
         loaded=dict(loaded),
         unit_dir=unit_dir,
-        allowed_dropin_dirs=[str(p) for p in config.daemon.allowed_dropin_dirs],
+        allowed_dropin_dirs=allowed,
         manager_available=manager_available,
         marker_of=read_marker,
+        unit_dir_resolved=resolved if resolved != os.path.normpath(unit_dir) else None,
     )
     findings = [f for f in findings if f.kind is not FindingKind.MANAGER_UNAVAILABLE]
     search_path = list(search_path)

@@ -14,6 +14,10 @@ The lookup rules follow systemd 252 (systemd.unit(5), src/shared/dropin.c, conf-
   lexicographic order of their file names. A winner that is empty or links to /dev/null applies
   nothing but still hides the lower ones; it is listed all the same.
 - A dangling symlink still defines the name: the manager picks it and fails to load the unit.
+- Unit files keep the spelling of the search-path directory they were found in (the first of
+  two directories that are one, like Debian's /etc/xdg/systemd/user -> /etc/systemd/user);
+  drop-in paths have their directory's symlinks resolved. Both match what the manager reports
+  as `FragmentPath` and `DropInPaths`.
 These rules are checked against `systemd-analyze verify` in tests/unit/test_unitdirs.py.
 - Template and instance names (`foo@.service`) are not modelled: stackd's unit names have no `@`.
 """
@@ -105,7 +109,14 @@ def _read_text(path: str) -> str | None:
 
 
 def _conf_files(directory: str) -> dict[str, str]:
+    """The `.conf` files of a drop-in directory, named as the manager names them.
+
+    systemd chases the directory's symlinks before listing it (conf_files_list_strv), so
+    `DropInPaths` spells /etc/xdg/systemd/user/x.service.d/a.conf (Debian links
+    /etc/xdg/systemd/user to /etc/systemd/user) as /etc/systemd/user/x.service.d/a.conf.
+    """
     found: dict[str, str] = {}
+    real = os.path.realpath(directory)
     for entry in _entries(directory):
         name = entry.name
         if name.startswith(".") or not name.endswith(_DROPIN_SUFFIX):
@@ -115,7 +126,7 @@ def _conf_files(directory: str) -> dict[str, str]:
                 continue
         except OSError:
             continue
-        found[name] = entry.path
+        found[name] = os.path.join(real, name)
     return found
 
 

@@ -78,13 +78,18 @@ def evaluate(
     allowed_dropin_dirs: Sequence[str],
     manager_available: bool,
     marker_of: Callable[[str], str | None] | None = None,
+    unit_dir_resolved: str | None = None,
 ) -> list[Finding]:
     """Every broken ownership invariant of `units`, sorted deterministically.
 
     `marker_of` (the renderer's marker reader) only sharpens the wording of `drift`: a file
-    without the stackd marker is one stackd will never overwrite.
+    without the stackd marker is one stackd will never overwrite. `unit_dir_resolved` is
+    `unit_dir` with its symlinks resolved, when that differs: the manager names drop-ins by
+    their resolved directory, so `<resolved>/<unit>.d/` is stackd's own drop-in dir as well.
+    (Allowed drop-in dirs are compared as given: pass each spelling that may appear.)
     """
     allowed = tuple(_norm(d) for d in allowed_dropin_dirs)
+    roots = (unit_dir,) if unit_dir_resolved is None else (unit_dir, unit_dir_resolved)
     findings: list[Finding] = []
     if not manager_available:
         findings.append(
@@ -101,10 +106,12 @@ def evaluate(
         )
     for name in sorted(units):
         exp = units[name]
-        findings.extend(_disk_findings(exp, disk, unit_dir, allowed, marker_of))
+        findings.extend(
+            _disk_findings(exp, disk, unit_dir, roots=roots, allowed=allowed, marker_of=marker_of)
+        )
         if manager_available and loaded is not None and name in loaded:
             findings.extend(
-                _manager_findings(exp, loaded[name], disk, unit_dir, allowed),
+                _manager_findings(exp, loaded[name], disk, roots, allowed),
             )
     findings.sort(key=_order)
     return findings
@@ -125,9 +132,10 @@ def _under(path: str, directory: str) -> bool:
     return parent == directory or parent.startswith(directory.rstrip("/") + "/")
 
 
-def _dropin_allowed(path: str, unit: str, unit_dir: str, allowed: Sequence[str]) -> bool:
-    own = os.path.join(_norm(unit_dir), f"{unit}.d")
-    return os.path.dirname(_norm(path)) == own or any(_under(path, d) for d in allowed)
+def _dropin_allowed(path: str, unit: str, roots: Sequence[str], allowed: Sequence[str]) -> bool:
+    parent = os.path.dirname(_norm(path))
+    own = any(parent == os.path.join(_norm(root), f"{unit}.d") for root in roots)
+    return own or any(_under(path, d) for d in allowed)
 
 
 def _fragment_sources(exp: UnitExpectation, disk: DiskView) -> set[str]:
@@ -143,6 +151,8 @@ def _disk_findings(
     exp: UnitExpectation,
     disk: DiskView,
     unit_dir: str,
+    *,
+    roots: Sequence[str],
     allowed: Sequence[str],
     marker_of: Callable[[str], str | None] | None,
 ) -> list[Finding]:
@@ -160,7 +170,7 @@ def _disk_findings(
             "daemon.allowed_dropin_dirs",
         )
         for path in disk.dropins.get(exp.unit, ())
-        if not _dropin_allowed(path, exp.unit, unit_dir, allowed)
+        if not _dropin_allowed(path, exp.unit, roots, allowed)
     ]
     return [
         Finding(kind, exp.unit, paths, exp.stack, FindingSource.DISK, detail)
@@ -279,7 +289,7 @@ def _manager_findings(
     exp: UnitExpectation,
     state: UnitState,
     disk: DiskView,
-    unit_dir: str,
+    roots: Sequence[str],
     allowed: Sequence[str],
 ) -> list[Finding]:
     unit, expected = exp.unit, _norm(exp.expected_path)
@@ -319,7 +329,7 @@ def _manager_findings(
             "'systemctl --user daemon-reload'",
         )
     for path in state.drop_in_paths:
-        if not _dropin_allowed(path, unit, unit_dir, allowed):
+        if not _dropin_allowed(path, unit, roots, allowed):
             add(
                 FindingKind.FOREIGN_DROPIN,
                 (path,),

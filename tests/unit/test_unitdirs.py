@@ -230,10 +230,13 @@ class TestDropins:
         (dirs[0] / "web-.service.d" / "a.conf").symlink_to("/dev/null")
         assert dropins_of(dirs, tmp_path) == ["hi/web-.service.d/a.conf"]
 
-    def test_symlinked_dropin_dir_is_followed(self, dirs: list[Path], tmp_path: Path) -> None:
+    def test_symlinked_dropin_dir_is_named_by_its_target(
+        self, dirs: list[Path], tmp_path: Path
+    ) -> None:
+        """systemd resolves a drop-in directory's symlinks before listing it."""
         write(tmp_path / "shared" / "a.conf")
         (dirs[0] / "web-app.service.d").symlink_to(tmp_path / "shared")
-        assert dropins_of(dirs, tmp_path) == ["hi/web-app.service.d/a.conf"]
+        assert dropins_of(dirs, tmp_path) == ["shared/a.conf"]
 
     def test_many_units_share_prefix_and_type_dirs(self, dirs: list[Path], tmp_path: Path) -> None:
         write(dirs[0] / "web-.service.d" / "p.conf")
