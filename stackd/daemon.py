@@ -21,6 +21,7 @@ from dbus_fast import NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from stackd.adapters.calendar import CalendarError
+from stackd.adapters.inotify import UnitDirWatcher
 from stackd.adapters.notify import Notifier
 from stackd.adapters.store import HistoryStore, state_dir
 from stackd.adapters.systemd import SystemdManager
@@ -90,6 +91,8 @@ class Daemon:
         )
         self._schedule_task: asyncio.Task[None] | None = None
         self._recovered = False
+        self.watcher = UnitDirWatcher(on_change=self._files_changed)
+        self.search_path: list[str] = []
         self._stop = asyncio.Event()
         self._ready = False
         self._manager_lost = asyncio.Event()
@@ -98,6 +101,16 @@ class Daemon:
         self._reevaluate = asyncio.Event()
 
     # -- views ---------------------------------------------------------------------------
+
+    def _files_changed(self, units: frozenset[str]) -> None:
+        """inotify saw a change that concerns these units: re-verify them."""
+        self.reconciler.poke("files", units)
+
+    async def refresh_search_path(self) -> None:
+        """Read the manager's UnitPath and (re)aim the watcher at it and the watched units."""
+        manager = self._live_manager()
+        self.search_path = await manager.unit_path()
+        self.watcher.watch(self.search_path, self.reconciler.watched_units())
 
     def _live_manager(self) -> SystemdManager:
         if self.manager is None or not self.manager.available:
@@ -253,6 +266,7 @@ class Daemon:
         log.info("config.reloaded", config=self.config_label, stacks=len(new.stacks))
         self._restart_schedule()
         if self.manager_connected:
+            await self.refresh_search_path()
             await self.reconciler.run("reload")
         self.notifier.ready(self._status_line())
         return True
@@ -290,11 +304,13 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 connection = tg.create_task(self._connection_loop())
                 watchdog = tg.create_task(self._watchdog())
+                watcher = tg.create_task(self.watcher.run())
                 await self._stop.wait()
                 log.info("daemon.stopping", message="stopping on request")
                 self.notifier.stopping()
                 connection.cancel()
                 watchdog.cancel()
+                watcher.cancel()
                 if self._schedule_task is not None:
                     self._schedule_task.cancel()
                 for task in self._background:
@@ -387,6 +403,7 @@ class Daemon:
         try:
             await manager.subscribe()
             await manager.watch(self.reconciler.watched_units())
+            await self.refresh_search_path()
             self._clear_manager_unavailable()
             log.info("manager.connected", message="connected to the systemd user manager")
             await self.reconciler.run("start" if not self._ready else "reconnect")
