@@ -46,12 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    sub.add_parser(
+    p = sub.add_parser(
         "daemon",
         help="run the daemon in the foreground (what stackd.service runs)",
         description="Run the daemon in the foreground; logs go to the journal when it is "
         "there, else to stderr. SIGHUP re-reads the config, SIGTERM stops.",
     )
+    p.add_argument(
+        "--log",
+        choices=["auto", "journal", "console"],
+        default="auto",
+        help="where events go: journald's native protocol, key=value lines on stderr, or "
+        "the journal when it is there (default)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     p = sub.add_parser(
         "status",
@@ -289,7 +297,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from stackd.adapters.journal import configure_logging
 
-    configure_logging()
+    configure_logging(
+        journal={"auto": None, "journal": True, "console": False}[args.log],
+        level=args.log_level,
+    )
     from stackd.daemon import run_daemon
 
     return run_daemon(args.config, os.environ)

@@ -29,9 +29,14 @@ HOW_TO_START = (
     "start it with `systemctl --user start stackd` (installed by `stackd setup`), "
     "or run `stackd daemon` in a terminal"
 )
+# Errors that mean "nobody (or nobody ready) answers as the daemon": exit 3, never 1.
 _NOT_RUNNING = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownMethod",
 )
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +55,7 @@ log = structlog.get_logger("stackd")
 
 # Extra time a start job gets beyond the unit's own TimeoutStartSec before we stop waiting.
 JOB_MARGIN_S = 15.0
-VERIFY_COALESCE_S = 0.005
+VERIFY_COALESCE_S = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,7 @@ class Reconciler:
         self._daemon = daemon
         self._lock = asyncio.Lock()
         self._verify_task: asyncio.Task[None] | None = None
-        self._verify_again = False
+        self._verify_pending: set[str] | None = set()
         self._jobs: set[asyncio.Task[Any]] = set()
         self._legacy_seen: dict[str, tuple[tuple[str, str], ...]] = {}
         self.last_desired: DesiredUnits | None = None
@@ -287,31 +288,44 @@ class Reconciler:
     # -- verify ---------------------------------------------------------------------------
 
     def poke(self, kind: str, payload: Any) -> None:
-        """A manager signal touched something we verify: re-evaluate soon (coalesced)."""
-        self.request_verify()
+        """Something we verify may have changed: re-evaluate soon (coalesced).
 
-    def request_verify(self) -> None:
+        inotify ("files") and a unit's PropertiesChanged ("unit") name the units concerned,
+        so only those are re-scanned; a daemon-reload or UnitFilesChanged re-checks all.
+        """
+        if kind == "files":
+            self.request_verify(payload)
+        elif kind == "unit":
+            self.request_verify([payload.unit])
+        else:
+            self.request_verify(None)
+
+    def request_verify(self, units: Iterable[str] | None = None) -> None:
+        """Ask for a verification of `units` (None: all); requests pile up while one runs."""
+        if units is None or self._verify_pending is None:
+            self._verify_pending = None
+        else:
+            self._verify_pending.update(units)
         if self._verify_task is not None and not self._verify_task.done():
-            self._verify_again = True
             return
         self._verify_task = asyncio.get_running_loop().create_task(self._verify_loop())
 
     async def _verify_loop(self) -> None:
         while True:
-            self._verify_again = False
             await asyncio.sleep(VERIFY_COALESCE_S)
+            pending, self._verify_pending = self._verify_pending, set()
+            if pending is not None and not pending:
+                return
             repair = False
             async with self._lock:
                 with contextlib.suppress(ManagerUnavailableError, SystemdError):
-                    delta = await self._verify_now()
+                    delta = await self._verify_now(pending)
                     # Only drift seen for the first time: a file stackd may not rewrite
                     # (no marker, a symlink) stays drift and must not start a loop.
                     repair = self._wants_repair(t.finding for t in delta.raised)
             if repair:
                 with contextlib.suppress(ManagerUnavailableError):
                     await self.run("repair")
-            if not self._verify_again:
-                return
 
     async def verify(self) -> None:
         """A fresh verification (for `stackd check`): re-read the manager, then evaluate.
@@ -336,20 +350,37 @@ class Reconciler:
             for f in findings
         )
 
-    async def _verify_now(self) -> FindingDelta:
+    async def _verify_now(self, units: Collection[str] | None = None) -> FindingDelta:
+        """Evaluate ownership of `units` (None: every owned unit) and publish the changes.
+
+        Works from the files alone while the manager is away: disk findings (a shadowing
+        copy, a foreign drop-in) are reported at once, loaded-state ones when it is back.
+        """
         config = self.config
-        manager = self._manager()
+        manager = self._daemon.manager
+        available = manager is not None and manager.available
         desired = self.last_desired
         if desired is None:
             desired = await asyncio.to_thread(desired_units, config)
-        search_path = await manager.unit_path()
+        search_path = self._daemon.search_path
+        if available and (units is None or not search_path):
+            assert manager is not None
+            search_path = self._daemon.search_path = await manager.unit_path()
+        if not search_path:
+            raise ManagerUnavailableError("the unit search path is not known yet")
+        loaded = dict(manager.units) if available and manager is not None else {}
+        only = None if units is None else frozenset(units)
         findings = await asyncio.to_thread(
-            compute_findings, config, desired, search_path, manager.units, manager.available
+            functools.partial(
+                compute_findings, config, desired, search_path, loaded, available, only=only
+            )
         )
         delta = self._daemon.book.replace(
             findings,
             datetime.now(UTC),
-            scope=lambda f: f.kind is not FindingKind.MANAGER_UNAVAILABLE,
+            scope=lambda f: (
+                f.kind is not FindingKind.MANAGER_UNAVAILABLE and (only is None or f.unit in only)
+            ),
         )
         self._daemon.publish(delta)
         self._daemon.invalidate()
@@ -385,9 +416,17 @@ def compute_findings(
     search_path: Iterable[str],
     loaded: Any,
     manager_available: bool,
+    *,
+    only: frozenset[str] | None = None,
 ) -> list[Finding]:
-    """Scan the search path and evaluate ownership (runs in a worker thread)."""
+    """Scan the search path and evaluate ownership (runs in a worker thread).
+
+    `only` limits the work to those units (a live change); None checks everything,
+    including the global conditions.
+    """
     units = expectations(config, desired)
+    if only is not None:
+        units = {name: exp for name, exp in units.items() if name in only}
     unit_dir = str(config.daemon.unit_dir)
     disk = scan(list(search_path), list(units), unit_dir)
     # The manager names drop-ins by their resolved directory: accept both spellings.
@@ -406,6 +445,8 @@ def compute_findings(
     )
     findings = [f for f in findings if f.kind is not FindingKind.MANAGER_UNAVAILABLE]
     search_path = list(search_path)
+    if only is not None:
+        return findings + [f for f in config_findings(config, desired) if f.unit in only]
     if search_path and unit_dir not in search_path:
         findings.append(
             Finding(
