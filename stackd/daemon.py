@@ -409,9 +409,11 @@ class Daemon:
             await self.reconciler.run("start" if not self._ready else "reconnect")
             self._mark_ready()
             if not self._recovered:
-                self._recovered = True
-                await self.updater.recover()
-                self._restart_schedule()
+                try:
+                    await self.updater.recover()
+                    self._recovered = True
+                finally:
+                    self._restart_schedule()
             waiter: asyncio.Future[Any] = asyncio.ensure_future(presence.lost.wait())
             await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()

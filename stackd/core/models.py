@@ -24,6 +24,7 @@ __all__ = [
 
 STACK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 UPDATE_SUFFIX = "-update"
+RESERVED_NAMES = frozenset({"stackd"})
 
 
 def stack_name_problem(name: str) -> str | None:
@@ -32,6 +33,11 @@ def stack_name_problem(name: str) -> str | None:
         return (
             f"stack name {name!r} is not allowed: use 1-63 ASCII letters, digits, '_', '.' "
             "or '-', starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        return (
+            f"stack name {name!r} is reserved: {name}.service is stackd's own unit; "
+            "choose another name"
         )
     if name.endswith(UPDATE_SUFFIX):
         return (
