@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
-from stackd.client import DaemonClient
+from stackd.client import HOW_TO_START, DaemonClient
+from stackd.errors import DaemonUnavailableError
 
 __all__ = ["format_run", "run_history_command", "run_update_command"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+POLL_S = 10.0  # ask the history when no signal came for this long
+DAEMON_GONE_S = 60.0  # give up waiting when the daemon stays unreachable this long
 
 
 def _stack_line(result: dict[str, Any]) -> str:
@@ -49,22 +53,62 @@ def run_update_command(args: argparse.Namespace) -> int:
                     f"update run {run_id}: {len(started['stacks'])} stacks "
                     f"({', '.join(started['stacks']) or 'none'})\n"
                 )
-            while True:
-                member, payload = signals.next(timeout=None)
-                if payload.get("run") != run_id:
-                    continue
-                if member == "UpdateProgress":
-                    if not args.json and payload.get("result"):
-                        sys.stdout.write(_stack_line(payload) + "\n")
-                        sys.stdout.flush()
-                    continue
-                summary = payload
-                break
+                sys.stdout.flush()
+            summary = _wait_for_summary(client, signals, run_id, echo=not args.json)
     if args.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         sys.stdout.write((summary.get("summary") or "") + "\n")
     return EXIT_OK if summary.get("result") == "success" else EXIT_FAILED
+
+
+def _wait_for_summary(
+    client: DaemonClient, signals: Any, run_id: str, *, echo: bool
+) -> dict[str, Any]:
+    """Follow the run's signals until its UpdateFinished.
+
+    Every POLL_S without a signal the history is asked too: a daemon killed mid-run completes
+    the run when it is back (its signals reach this connection as well), and one that stays
+    away for DAEMON_GONE_S ends the wait with exit 3 rather than a client hanging forever.
+    """
+    gone_since: float | None = None
+    while True:
+        try:
+            member, payload = signals.next(timeout=POLL_S)
+        except TimeoutError:
+            try:
+                finished = _finished_run(client, run_id)
+            except DaemonUnavailableError:
+                now = time.monotonic()
+                gone_since = gone_since or now
+                if now - gone_since > DAEMON_GONE_S:
+                    raise DaemonUnavailableError(
+                        f"the stackd daemon stopped during update run {run_id} and is not "
+                        "back; it completes the run when it starts again (`stackd history` "
+                        f"shows it then): {HOW_TO_START}"
+                    ) from None
+                continue
+            gone_since = None
+            if finished is not None:
+                return finished
+            continue
+        if payload.get("run") != run_id:
+            continue
+        if member == "UpdateProgress":
+            if echo and payload.get("result"):
+                sys.stdout.write(_stack_line(payload) + "\n")
+                sys.stdout.flush()
+            continue
+        summary: dict[str, Any] = payload
+        return summary
+
+
+def _finished_run(client: DaemonClient, run_id: str) -> dict[str, Any] | None:
+    for run in client.call("GetHistory", "u", 20).get("runs", []):
+        if run.get("run") == run_id and run.get("finished_at") is not None:
+            found: dict[str, Any] = run
+            return found
+    return None
 
 
 def run_history_command(args: argparse.Namespace) -> int:

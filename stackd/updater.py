@@ -24,7 +24,7 @@ import structlog
 from stackd.adapters import calendar
 from stackd.adapters.compose import EngineImages, engine_for, service_images
 from stackd.adapters.store import HistoryStore, StoreError
-from stackd.adapters.systemd import SystemdError
+from stackd.adapters.systemd import PROPS_IFACE, UNIT_IFACE, SystemdError
 from stackd.core.models import Config, StackSpec
 from stackd.core.render import compose_project_name
 from stackd.core.schedule import apply_randomized_delay
@@ -112,7 +112,9 @@ class Updater:
 
     # -- a run -----------------------------------------------------------------------------
 
-    def select(self, names: Sequence[str], *, scheduled: bool) -> list[StackSpec]:
+    def select(self, names: Sequence[str]) -> list[StackSpec]:
+        """The named stacks (any of them, `update = false` too: naming one is the opt-in),
+        else every stack with `update = true`, whatever started the run."""
         config = self._config()
         if names:
             unknown = [n for n in names if config.stack(n) is None]
@@ -122,7 +124,7 @@ class Updater:
                     f"{', '.join(s.name for s in config.stacks) or 'none'}"
                 )
             return [s for s in config.stacks if s.name in names]
-        return [s for s in config.stacks if s.update or not scheduled]
+        return [s for s in config.stacks if s.update]
 
     async def start(self, names: Sequence[str], trigger: Trigger) -> UpdateRun:
         """Record a new run and start it in the background; refuse while one runs."""
@@ -131,7 +133,7 @@ class Updater:
                 f"update run {self.current.run} is still in progress; wait for it to finish "
                 "(`stackd status` shows it) and try again"
             )
-        stacks = self.select(names, scheduled=trigger != "manual")
+        stacks = self.select(names)
         now = datetime.now(UTC)
         run = UpdateRun(
             run=new_run_id(now, "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(4))),
@@ -356,33 +358,45 @@ class Updater:
         unit = stack.update_unit
         manager = self._manager()
         state = await manager.load_state(unit)
-        while state.active_state in _RUNNING_STATES:
-            # Still running under systemd: wait for it to end (signals keep `units` current).
-            await asyncio.sleep(0.2)
-            state = await manager.load_state(unit)
-        props: dict[str, Any] = {}
-        with contextlib.suppress(SystemdError):
-            props = await manager.service_properties(
-                unit, ["Result", "ExecStart", "ExecMainStartTimestamp"]
-            )
-        started_us = int(props.get("ExecMainStartTimestamp") or 0)
-        started = datetime.fromtimestamp(started_us / 1e6, UTC) if started_us else run.started_at
-        if not started_us or started < run.started_at:
+        held = False
+        if state.active_state in _RUNNING_STATES:
+            # systemd unloads a unit that ended in success once nothing refers to it, and
+            # with it its Result and timestamps: hold a reference until they are read.
+            held = await _unit_ref(manager, unit, "Ref")
+        try:
+            while state.active_state in _RUNNING_STATES:
+                await asyncio.sleep(0.2)
+                state = await manager.load_state(unit)
+            props: dict[str, Any] = {}
+            with contextlib.suppress(SystemdError):
+                props = await manager.service_properties(unit, ["Result", "ExecStart"])
+            # When the unit last left and re-entered `inactive`: unit timestamps survive a
+            # daemon-reload (the per-command ExecStart statuses do not, and a restarted
+            # stackd reloads), so they tell whether it ran in this run.
+            left, entered = await _unit_timestamps(manager, unit)
+        finally:
+            if held:
+                await _unit_ref(manager, unit, "Unref")
+        commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
+        if left is None or left < run.started_at:
+            # Never started in this run; or it ended in success while no stackd was there
+            # and systemd has unloaded it since (a failed unit stays loaded).
             return skipped_stack(
                 run=run.run,
                 stack=name,
                 unit=unit,
                 at=datetime.now(UTC),
-                reason="not started: the daemon stopped before this stack's update began",
+                reason="no trace of this run in the update unit: the daemon stopped before "
+                "it started, or it ended while no daemon was running and systemd has "
+                "unloaded it since",
             )
         unit_result = str(props.get("Result", ""))
-        commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
         return finish_stack(
             run=run.run,
             stack=name,
             unit=unit,
-            started_at=started,
-            finished_at=datetime.now(UTC),
+            started_at=left,
+            finished_at=entered if entered is not None and entered >= left else datetime.now(UTC),
             job_result="done" if unit_result == "success" else "failed",
             unit_result=unit_result,
             commands=commands,
@@ -436,6 +450,33 @@ async def _sleep_until(moment: datetime) -> None:
     """Sleep in bounded steps so that a suspended machine or a clock change is noticed."""
     while (left := (moment - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
         await asyncio.sleep(min(left, 60.0))
+
+
+async def _unit_ref(manager: SystemdManager, unit: str, method: str) -> bool:
+    """`Ref`/`Unref` a unit for this bus connection (dropped by systemd when it closes)."""
+    try:
+        (path,) = await manager.call("LoadUnit", "s", [unit])
+        await manager.call(method, path=str(path), interface=UNIT_IFACE)
+    except SystemdError:
+        return False  # then only a failed end stays visible; a success may read as skipped
+    return True
+
+
+async def _unit_timestamps(
+    manager: SystemdManager, unit: str
+) -> tuple[datetime | None, datetime | None]:
+    """`InactiveExitTimestamp` and `InactiveEnterTimestamp` of a unit (None: never)."""
+    stamps: list[datetime | None] = []
+    for name in ("InactiveExitTimestamp", "InactiveEnterTimestamp"):
+        usec = 0
+        with contextlib.suppress(SystemdError):
+            (path,) = await manager.call("LoadUnit", "s", [unit])
+            (value,) = await manager.call(
+                "Get", "ss", [UNIT_IFACE, name], path=str(path), interface=PROPS_IFACE
+            )
+            usec = int(value.value)
+        stamps.append(datetime.fromtimestamp(usec / 1_000_000, UTC) if usec else None)
+    return stamps[0], stamps[1]
 
 
 def _failed(run_id: str, stack: StackSpec, at: datetime, error: str) -> StackUpdateResult:
