@@ -34,9 +34,8 @@ python3Packages.buildPythonApplication {
   # Keep in step with [project] dependencies (tests/unit/test_nix.py compares the two).
   dependencies = with python3Packages; [
     dbus-fast
-    pydantic-settings
+    pydantic
     structlog
-    anyio
     jeepney
     asyncinotify
   ];
