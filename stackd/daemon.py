@@ -20,6 +20,7 @@ import structlog
 from dbus_fast import NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
+from stackd.adapters.bus import connect_user_bus
 from stackd.adapters.calendar import CalendarError
 from stackd.adapters.inotify import UnitDirWatcher
 from stackd.adapters.notify import Notifier
@@ -336,7 +337,7 @@ class Daemon:
         while True:
             bus: MessageBus | None = None
             try:
-                bus = await MessageBus(bus_address=user_bus_address(self._environ)).connect()
+                bus = await connect_user_bus(user_bus_address(self._environ))
                 await self._serve(bus)
                 backoff = BACKOFF_START_S
             except (OSError, EOFError, ManagerUnavailableError) as exc:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from stackd.adapters.bus import connect_user_bus
 from stackd.busaddr import user_bus_address
 from stackd.core.models import Finding, FindingKind, FindingSource
 from stackd.core.status import finding_to_json
@@ -24,14 +25,12 @@ __all__ = ["offline_check", "render_command"]
 
 
 async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[Finding]:
-    from dbus_fast.aio import MessageBus
-
     from stackd.adapters.systemd import SystemdManager
 
     config = load_config(config_path, environ)
     desired = await asyncio.to_thread(desired_units, config)
     try:
-        bus = await MessageBus(bus_address=user_bus_address(environ)).connect()
+        bus = await connect_user_bus(user_bus_address(environ))
     except (OSError, EOFError, ValueError) as exc:
         raise ManagerUnavailableError(str(exc)) from exc
     try:
