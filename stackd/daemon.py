@@ -403,7 +403,7 @@ class Daemon:
         presence.reset()
         try:
             await manager.subscribe()
-            await manager.watch(self.reconciler.watched_units())
+            await manager.watch(self.reconciler.watched_units(), lazy=self.reconciler.lazy_units())
             await self.refresh_search_path()
             self._clear_manager_unavailable()
             log.info("manager.connected", message="connected to the systemd user manager")

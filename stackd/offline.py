@@ -40,7 +40,7 @@ async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[F
         units = []
         for stack in config.stacks:
             units += [stack.unit, stack.update_unit]
-        await manager.watch(units)
+        await manager.watch(units, lazy=[stack.update_unit for stack in config.stacks])
         search_path = await manager.unit_path()
         return compute_findings(config, desired, search_path, manager.units, True)
     finally:

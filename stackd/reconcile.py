@@ -29,7 +29,7 @@ import structlog
 
 from stackd.adapters import unitfiles
 from stackd.adapters.stackfiles import StackFiles, inspect_stack
-from stackd.adapters.systemd import JobOutcome, SystemdError
+from stackd.adapters.systemd import UNLOADED, JobOutcome, SystemdError
 from stackd.adapters.unitdirs import scan
 from stackd.core.findings import FindingDelta
 from stackd.core.models import (
@@ -127,6 +127,10 @@ class Reconciler:
     def config(self) -> Config:
         return self._daemon.config
 
+    def lazy_units(self) -> list[str]:
+        """Update units: read only while the manager holds them (see SystemdManager.watch)."""
+        return [stack.update_unit for stack in self.config.stacks]
+
     def watched_units(self) -> list[str]:
         units = []
         for stack in self.config.stacks:
@@ -215,7 +219,7 @@ class Reconciler:
             )
         if plan.reload:
             await manager.reload()
-        await manager.watch(self.watched_units())
+        await manager.watch(self.watched_units(), lazy=self.lazy_units())
         await self._verify_now()
         self._start_jobs(plan, reason)
         return plan
@@ -436,7 +440,7 @@ def compute_findings(
     findings = evaluate(
         units=units,
         disk=disk,
-        loaded=dict(loaded),
+        loaded={n: st for n, st in dict(loaded).items() if st.load_state != UNLOADED},
         unit_dir=unit_dir,
         allowed_dropin_dirs=allowed,
         manager_available=manager_available,

@@ -321,12 +321,24 @@ def _manager_findings(
             f"the manager loaded {unit} from {where} instead of {expected}: remove the other "
             f"definition and reload, or set managed=false for stack {exp.stack!r}",
         )
+    on_disk = {_norm(p) for p in disk.dropins.get(unit, ())}
+    in_memory = {_norm(p) for p in state.drop_in_paths}
     if state.need_daemon_reload:
         add(
             FindingKind.STALE,
             (state.fragment_path or expected,),
             f"the manager's loaded {unit} is older than the files on disk: run "
             "'systemctl --user daemon-reload'",
+        )
+    elif state.load_state == "loaded" and on_disk != in_memory:
+        # NeedDaemonReload does not always notice a drop-in added or removed (systemd 252
+        # answers from a path cache), so the two views are compared directly.
+        changed = tuple(sorted(on_disk ^ in_memory))
+        add(
+            FindingKind.STALE,
+            changed,
+            f"the manager's loaded {unit} does not have the drop-ins now on disk "
+            f"({', '.join(changed)}): run 'systemctl --user daemon-reload'",
         )
     for path in state.drop_in_paths:
         if not _dropin_allowed(path, unit, roots, allowed):

@@ -230,6 +230,26 @@ class TestDropins:
         )
         assert summary(findings) == expected
 
+    @pytest.mark.parametrize(
+        ("on_disk", "in_memory", "stale"),
+        [
+            pytest.param((f"{UD}/{UNIT}.d/a.conf",), (), True, id="added-not-reloaded"),
+            pytest.param((), (f"{UD}/{UNIT}.d/a.conf",), True, id="removed-not-reloaded"),
+            pytest.param((f"{UD}/{UNIT}.d/a.conf",), (f"{UD}/{UNIT}.d/a.conf",), False, id="same"),
+            pytest.param(
+                (f"{UD}/{UNIT}.d/a.conf",), (f"{UD}/{UNIT}.d//a.conf",), False, id="spelling"
+            ),
+        ],
+    )
+    def test_dropins_on_disk_but_not_loaded_are_stale(
+        self, on_disk: tuple[str, ...], in_memory: tuple[str, ...], stale: bool
+    ) -> None:
+        """NeedDaemonReload misses new drop-ins on systemd 252: the views are compared."""
+        findings = run(view(dropins=on_disk), loaded(drop_in_paths=in_memory))
+        changed = tuple(sorted(set(on_disk) ^ set(in_memory)))
+        assert (("stale", "manager", changed) in summary(findings)) is stale
+        assert [x.kind.value for x in findings].count("stale") == int(stale)
+
     def test_one_finding_per_foreign_dropin(self) -> None:
         dropins = [f"{ETC}/{UNIT}.d/a.conf", f"{UD}/{UNIT}.d/b.conf", f"{LIB}/service.d/c.conf"]
         findings = run(view(dropins=dropins))
