@@ -18,8 +18,8 @@ from stackd.busaddr import user_bus_address
 from stackd.core.models import Finding, FindingKind, FindingSource
 from stackd.core.status import finding_to_json
 from stackd.errors import ManagerUnavailableError
-from stackd.reconcile import compute_findings, desired_units
 from stackd.settings import load_config
+from stackd.verify import compute_findings, desired_units
 
 __all__ = ["offline_check", "render_command"]
 
@@ -28,20 +28,23 @@ async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[F
     from stackd.adapters.systemd import SystemdManager
 
     config = load_config(config_path, environ)
-    desired = await asyncio.to_thread(desired_units, config)
+    # Rendering reads every compose file: let it run while the manager is asked.
+    rendering = asyncio.ensure_future(asyncio.to_thread(desired_units, config))
     try:
         bus = await connect_user_bus(user_bus_address(environ))
     except (OSError, EOFError, ValueError) as exc:
+        rendering.cancel()
         raise ManagerUnavailableError(str(exc)) from exc
     try:
         # No Subscribe and no signal matches: a one-shot reader follows no changes, and a
         # subscriber only makes the manager signal UnitNew/UnitRemoved for every unit loaded.
-        manager = SystemdManager(bus, max_in_flight=64)
+        manager = SystemdManager(bus, max_in_flight=128)
         units = []
         for stack in config.stacks:
             units += [stack.unit, stack.update_unit]
         await manager.watch(units, lazy=[stack.update_unit for stack in config.stacks])
         search_path = await manager.unit_path()
+        desired = await rendering
         return compute_findings(config, desired, search_path, manager.units, True)
     finally:
         bus.disconnect()

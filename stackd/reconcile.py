@@ -18,19 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from stackd.adapters import unitfiles
-from stackd.adapters.stackfiles import StackFiles, inspect_stack
-from stackd.adapters.systemd import UNLOADED, JobOutcome, SystemdError
-from stackd.adapters.unitdirs import scan
+from stackd.adapters.systemd import JobOutcome, SystemdError
 from stackd.core.findings import FindingDelta
 from stackd.core.models import (
     Config,
@@ -38,79 +34,23 @@ from stackd.core.models import (
     FindingKind,
     FindingSource,
     HealMode,
-    StackSpec,
 )
-from stackd.core.ownership import UnitExpectation, evaluate
 from stackd.core.plan import ReconcilePlan, plan_reconcile
-from stackd.core.render import RenderInput, read_marker, render_stack_units
 from stackd.errors import ManagerUnavailableError
+from stackd.verify import DesiredUnits, compute_findings, desired_units
 
 if TYPE_CHECKING:
     from stackd.adapters.systemd import SystemdManager
     from stackd.daemon import Daemon
 
-__all__ = ["DesiredUnits", "Reconciler", "desired_units"]
+__all__ = ["Reconciler"]
 
 log = structlog.get_logger("stackd")
 
 # Extra time a start job gets beyond the unit's own TimeoutStartSec before we stop waiting.
 JOB_MARGIN_S = 15.0
 VERIFY_COALESCE_S = 0.002
-
-
-@dataclass(frozen=True, slots=True)
-class DesiredUnits:
-    """What stackd would write, and the stacks that cannot be rendered (config findings)."""
-
-    texts: dict[str, str] = field(default_factory=dict)
-    files: dict[str, StackFiles] = field(default_factory=dict)
-    broken: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
-
-
-def desired_units(config: Config) -> DesiredUnits:
-    """Render every managed stack whose files are in order (reads compose files)."""
-    out = DesiredUnits()
-    for stack in config.stacks:
-        files = inspect_stack(stack)
-        out.files[stack.name] = files
-        if files.problems:
-            out.broken[stack.name] = files.problems
-            continue
-        if not stack.managed:
-            continue
-        out.texts.update(
-            render_stack_units(
-                RenderInput(
-                    stack=stack,
-                    compose_command=config.daemon.compose_command,
-                    startup_timeout_s=config.startup_timeout_of(stack),
-                    update_timeout_s=config.updates.timeout_s,
-                    compose_digest=files.compose_digest,
-                    env_files=files.env_files,
-                )
-            )
-        )
-    return out
-
-
-def config_findings(config: Config, desired: DesiredUnits) -> list[Finding]:
-    findings = []
-    for name, problems in desired.broken.items():
-        stack = config.stack(name)
-        assert stack is not None
-        for path, reason in problems:
-            findings.append(
-                Finding(
-                    kind=FindingKind.CONFIG,
-                    unit=stack.unit,
-                    stack=name,
-                    paths=(path,),
-                    source=FindingSource.DISK,
-                    detail=f"stack {name}: {path}: {reason}; the stack's units are left as "
-                    "they are until this is fixed",
-                )
-            )
-    return findings
+INLINE_VERIFY_UNITS = 8
 
 
 class Reconciler:
@@ -374,11 +314,12 @@ class Reconciler:
             raise ManagerUnavailableError("the unit search path is not known yet")
         loaded = dict(manager.units) if available and manager is not None else {}
         only = None if units is None else frozenset(units)
-        findings = await asyncio.to_thread(
-            functools.partial(
-                compute_findings, config, desired, search_path, loaded, available, only=only
-            )
+        work = functools.partial(
+            compute_findings, config, desired, search_path, loaded, available, only=only
         )
+        # A few units take ~1 ms: less than the hop to a worker thread and back.
+        small = only is not None and len(only) <= INLINE_VERIFY_UNITS
+        findings = work() if small else await asyncio.to_thread(work)
         delta = self._daemon.book.replace(
             findings,
             datetime.now(UTC),
@@ -394,77 +335,3 @@ class Reconciler:
 def _log_crash(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("reconcile.failed", message=f"start/restart jobs failed: {exc!r}")
-
-
-def expectations(config: Config, desired: DesiredUnits) -> dict[str, UnitExpectation]:
-    unit_dir = str(config.daemon.unit_dir)
-    out: dict[str, UnitExpectation] = {}
-    for stack in config.stacks:
-        if stack.name in desired.broken:
-            continue
-        for unit in (stack.unit, stack.update_unit):
-            if not stack.managed and unit == stack.update_unit:
-                continue  # adopted stacks may have no update unit of their own
-            out[unit] = UnitExpectation(
-                unit=unit,
-                stack=stack.name,
-                expected_path=str(Path(unit_dir) / unit),
-                expected_text=desired.texts.get(unit) if stack.managed else None,
-            )
-    return out
-
-
-def compute_findings(
-    config: Config,
-    desired: DesiredUnits,
-    search_path: Iterable[str],
-    loaded: Any,
-    manager_available: bool,
-    *,
-    only: frozenset[str] | None = None,
-) -> list[Finding]:
-    """Scan the search path and evaluate ownership (runs in a worker thread).
-
-    `only` limits the work to those units (a live change); None checks everything,
-    including the global conditions.
-    """
-    units = expectations(config, desired)
-    if only is not None:
-        units = {name: exp for name, exp in units.items() if name in only}
-    unit_dir = str(config.daemon.unit_dir)
-    disk = scan(list(search_path), list(units), unit_dir)
-    # The manager names drop-ins by their resolved directory: accept both spellings.
-    allowed = [str(p) for p in config.daemon.allowed_dropin_dirs]
-    allowed += [real for p in allowed if (real := os.path.realpath(p)) != os.path.normpath(p)]
-    resolved = os.path.realpath(unit_dir)
-    findings = evaluate(
-        units=units,
-        disk=disk,
-        loaded={n: st for n, st in dict(loaded).items() if st.load_state != UNLOADED},
-        unit_dir=unit_dir,
-        allowed_dropin_dirs=allowed,
-        manager_available=manager_available,
-        marker_of=read_marker,
-        unit_dir_resolved=resolved if resolved != os.path.normpath(unit_dir) else None,
-    )
-    findings = [f for f in findings if f.kind is not FindingKind.MANAGER_UNAVAILABLE]
-    search_path = list(search_path)
-    if only is not None:
-        return findings + [f for f in config_findings(config, desired) if f.unit in only]
-    if search_path and unit_dir not in search_path:
-        findings.append(
-            Finding(
-                kind=FindingKind.CONFIG,
-                unit="",
-                paths=(unit_dir,),
-                source=FindingSource.MANAGER,
-                detail=f"unit_dir {unit_dir} is not on the user manager's unit search path: "
-                "units written there are never loaded; set daemon.unit_dir to "
-                "~/.config/systemd/user",
-            )
-        )
-    return findings + config_findings(config, desired)
-
-
-def stacks_of(config: Config) -> list[StackSpec]:
-    return list(config.stacks)

@@ -18,7 +18,7 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from stackd.core.models import UnitState
+from stackd.core.models import UNLOADED, UnitState
 from stackd.errors import ManagerUnavailableError, StackdError
 
 __all__ = [
@@ -58,10 +58,6 @@ _MATCH_RULES = (
 )
 
 _RECENT_JOBS = 4096
-
-# Not a systemd load state: the manager holds no definition of the unit right now (it was
-# garbage-collected); the files on disk are what it would load next.
-UNLOADED = "unloaded"
 
 
 def unit_object_path(unit: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = [
     "STACK_NAME_PATTERN",
+    "UNLOADED",
     "Config",
     "DaemonConfig",
     "Finding",
@@ -25,6 +26,10 @@ __all__ = [
 STACK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 UPDATE_SUFFIX = "-update"
 RESERVED_NAMES = frozenset({"stackd"})
+
+# Not a systemd load state: the manager holds no definition of the unit right now (it was
+# garbage-collected); the files on disk are what it would load next.
+UNLOADED = "unloaded"
 
 
 def stack_name_problem(name: str) -> str | None:

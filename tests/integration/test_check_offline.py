@@ -15,7 +15,7 @@ from helpers import FAKE_COMPOSE, make_stack_dir, stackd, write_config
 from sandbox import Sandbox
 
 from stackd.adapters.unitfiles import write_unit
-from stackd.reconcile import desired_units
+from stackd.verify import desired_units
 from stackd.settings import load_config
 
 
