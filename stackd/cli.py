@@ -239,9 +239,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from stackd.client import DaemonClient
 
     with DaemonClient() as client:
-        doc = client.call("GetStatus", "as", list(args.stacks))
+        text = client.call_text("GetStatus", "as", list(args.stacks))
+    doc = json.loads(text)
     if args.json:
-        _print_json(doc)
+        sys.stdout.write(text + "\n")  # as the daemon sent it: compact, no second encoding
     else:
         sys.stdout.write(format_status(doc) + "\n")
     return _status_exit(doc)

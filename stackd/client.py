@@ -73,6 +73,10 @@ class DaemonClient:
 
     def call(self, method: str, signature: str | None = None, *args: Any) -> Any:
         """Call one daemon method and decode its JSON answer."""
+        return json.loads(self.call_text(method, signature, *args))
+
+    def call_text(self, method: str, signature: str | None = None, *args: Any) -> str:
+        """Call one daemon method; its answer as the JSON text the daemon sent."""
         msg = new_method_call(self._daemon, method, signature, args)
         reply = self._conn.send_and_get_reply(msg, timeout=self._timeout)
         if reply.header.message_type == MessageType.error:
@@ -81,7 +85,7 @@ class DaemonClient:
             if name in _NOT_RUNNING:
                 raise DaemonUnavailableError(f"the stackd daemon is not running: {HOW_TO_START}")
             raise DaemonError(name, text)
-        return json.loads(reply.body[0])
+        return str(reply.body[0])
 
     @contextmanager
     def signals(self, *members: str) -> Iterator[Any]:
