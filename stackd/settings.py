@@ -179,6 +179,7 @@ class DaemonSettings(_Table):
     startup_timeout: Timeout = 120.0
     allowed_dropin_dirs: list[AbsPath] = Field(default_factory=list)
     heal: Literal["report", "repair"] = "report"
+    engine: Literal["podman", "docker"] | None = None
 
 
 class UpdateSettings(_Table):
@@ -558,6 +559,7 @@ def _to_config(settings: Settings, source: Path | None) -> Config:
             startup_timeout_s=daemon.startup_timeout,
             allowed_dropin_dirs=tuple(daemon.allowed_dropin_dirs),
             heal=HealMode(daemon.heal),
+            engine=daemon.engine,
         ),
         updates=UpdateConfig(
             schedule=updates.schedule,

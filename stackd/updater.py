@@ -202,7 +202,7 @@ class Updater:
                 at=now,
                 reason=f"{unit} is already running ({state.active_state}); not started twice",
             )
-        engine = engine_for(config.daemon.compose_command)
+        engine = config.daemon.engine or engine_for(config.daemon.compose_command)
         project = compose_project_name(stack.name)
         before = await service_images(engine, project)
         started = datetime.now(UTC)

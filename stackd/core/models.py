@@ -86,6 +86,8 @@ class DaemonConfig:
     startup_timeout_s: float = 120.0
     allowed_dropin_dirs: tuple[Path, ...] = ()
     heal: HealMode = HealMode.REPORT
+    # Which engine to ask about containers; None: the one the compose command names.
+    engine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
