@@ -98,6 +98,7 @@ class Daemon:
         self._ready = False
         self._manager_lost = asyncio.Event()
         self._status_cache: str | None = None
+        self._status_doc: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
         self._dirty_units: set[str] = set()
         self._reevaluate = asyncio.Event()
 
@@ -130,14 +131,32 @@ class Daemon:
         self._status_cache = None
 
     def status_json(self, stacks: list[str]) -> str:
-        unknown = [s for s in stacks if self.config.stack(s) is None]
+        """The status document (cached until something changes), or a few stacks of it."""
+        doc, by_name = self._status_document()
+        if not stacks:
+            assert self._status_cache is not None
+            return self._status_cache
+        unknown = [s for s in stacks if s not in by_name]
         if unknown:
             raise UsageError(
                 f"no stack named {', '.join(unknown)} in {self.config_label}; "
-                f"configured: {', '.join(s.name for s in self.config.stacks) or 'none'}"
+                f"configured: {', '.join(by_name) or 'none'}"
             )
-        if not stacks and self._status_cache is not None:
-            return self._status_cache
+        wanted = set(stacks)
+        return json.dumps(
+            {
+                **doc,
+                "stacks": [entry for name, entry in by_name.items() if name in wanted],
+                "findings": [
+                    f for f in doc["findings"] if f["stack"] is None or f["stack"] in wanted
+                ],
+            }
+        )
+
+    def _status_document(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Build the whole document once per change; filtered answers reuse its pieces."""
+        if self._status_cache is not None and self._status_doc is not None:
+            return self._status_doc
         doc = build_status(
             daemon=DaemonInfo(
                 pid=self.pid,
@@ -150,7 +169,6 @@ class Daemon:
             config=self.config,
             units=self.manager.units if self.manager else {},
             findings=self.book.all(),
-            only=stacks,
             last_updates=self.updater.last_updates_json(),
             next_update={
                 s.name: self.updater.next_run if s.update else None for s in self.config.stacks
@@ -160,10 +178,9 @@ class Daemon:
             update_running=self.updater.current.run if self.updater.current else None,
             state_error=self.updater.store_error,
         )
-        text = json.dumps(doc)
-        if not stacks:
-            self._status_cache = text
-        return text
+        self._status_cache = json.dumps(doc)
+        self._status_doc = (doc, {entry["name"]: entry for entry in doc["stacks"]})
+        return self._status_doc
 
     @property
     def config_label(self) -> str:

@@ -21,6 +21,7 @@ import functools
 from collections.abc import Collection, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -133,8 +134,38 @@ class Reconciler:
         for unit in plan.stop:
             with contextlib.suppress(SystemdError):
                 await manager.run_job("stop", unit, within_s=config.daemon.startup_timeout_s)
+        failed = await self._apply_files(plan, unit_dir)
+        if failed:
+            # A unit whose file could not be written is not (re)started on a stale definition.
+            plan = replace(
+                plan,
+                start=tuple(u for u in plan.start if u not in failed),
+                restart=tuple(u for u in plan.restart if u not in failed),
+            )
+        if plan.reload:
+            await manager.reload()
+        await manager.watch(self.watched_units(), lazy=self.lazy_units())
+        await self._verify_now()
+        self._start_jobs(plan, reason)
+        return plan
+
+    async def _apply_files(self, plan: ReconcilePlan, unit_dir: Path) -> set[str]:
+        """Write and remove what the plan says, file by file; the names that failed."""
+        failed: set[str] = set()
         for name, text in plan.writes:
-            await asyncio.to_thread(unitfiles.write_unit, unit_dir, name, text)
+            try:
+                await asyncio.to_thread(unitfiles.write_unit, unit_dir, name, text)
+            except (OSError, unitfiles.UnitFileError) as exc:
+                # One unwritable file stops only its own stack; the others go on.
+                failed.add(name)
+                log.error(
+                    "reconcile.failed",
+                    message=f"could not write {unit_dir / name}: {exc}; the other units go on",
+                    unit=name,
+                    path=str(unit_dir / name),
+                    error=str(exc),
+                )
+                continue
             log.info(
                 "unit.written",
                 message=f"wrote {unit_dir / name}",
@@ -142,7 +173,18 @@ class Reconciler:
                 path=str(unit_dir / name),
             )
         for name in plan.removals:
-            if await asyncio.to_thread(unitfiles.remove_unit, unit_dir, name):
+            try:
+                removed = await asyncio.to_thread(unitfiles.remove_unit, unit_dir, name)
+            except OSError as exc:
+                log.error(
+                    "reconcile.failed",
+                    message=f"could not remove {unit_dir / name}: {exc}",
+                    unit=name,
+                    path=str(unit_dir / name),
+                    error=str(exc),
+                )
+                continue
+            if removed:
                 log.info(
                     "unit.removed",
                     message=f"removed {unit_dir / name}",
@@ -157,12 +199,7 @@ class Reconciler:
                 path=str(unit_dir / name),
                 reason=why,
             )
-        if plan.reload:
-            await manager.reload()
-        await manager.watch(self.watched_units(), lazy=self.lazy_units())
-        await self._verify_now()
-        self._start_jobs(plan, reason)
-        return plan
+        return failed
 
     def _start_jobs(self, plan: ReconcilePlan, reason: str) -> None:
         config = self.config

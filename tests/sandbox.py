@@ -63,7 +63,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -87,6 +87,7 @@ T = TypeVar("T")
 SYSTEMD = Path("/usr/lib/systemd/systemd")
 SYSTEMD_JOURNALD = Path("/usr/lib/systemd/systemd-journald")
 DBUS_USER_SOCKET = Path("/usr/lib/systemd/user/dbus.socket")
+DBUS_SESSION_CONF = Path("/usr/share/dbus-1/session.conf")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 ETC_UNIT_DIR = Path("/etc/systemd/user")
 VAR_LOG_JOURNAL = Path("/var/log/journal")
@@ -95,6 +96,16 @@ RUN_LOG_JOURNAL = RUN / "log" / "journal"
 JOURNAL_SOCKET_DIR = RUN / "systemd" / "journal"
 PRIVATE_STATE = RUN / "stackd-sandbox"  # notify sockets, the cgroup2 stash
 SESSION_CGROUP_PREFIX = "stackd-sbx-"
+# Included (if present) by the session bus config inside the namespace; see other_uids_allowed.
+DBUS_SESSION_POLICY = PRIVATE_STATE / "dbus-session-policy.conf"
+DBUS_ANY_UID_POLICY = """\
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<!-- stackd test sandbox: let a process of any uid connect to this private session bus. -->
+<busconfig>
+  <policy context="default"><allow user="*"/></policy>
+</busconfig>
+"""
 
 JOURNALD_CONF = """\
 # stackd test sandbox: this journald serves only the private mount namespace of one pytest run.
@@ -658,6 +669,47 @@ class SandboxHost:
         if errors:
             raise SandboxError(f"sandbox teardown: {errors}")
 
+    def overlay_session_bus_config(self) -> None:
+        """Overlay the session bus config (in the namespace only) with one that includes
+        :data:`DBUS_SESSION_POLICY` when that file exists; once per session."""
+        _require_tmpfs(RUN)
+        if _mount_at(DBUS_SESSION_CONF) is not None:
+            return
+        copy = PRIVATE_STATE / "dbus-session.conf"
+        text = DBUS_SESSION_CONF.read_text()
+        include = f'  <include ignore_missing="yes">{DBUS_SESSION_POLICY}</include>\n'
+        if "</busconfig>" not in text:
+            raise SandboxError(f"{DBUS_SESSION_CONF} has no </busconfig>: cannot overlay it")
+        head, _, tail = text.rpartition("</busconfig>")
+        copy.write_text(head + include + "</busconfig>" + tail)
+        _require_private_namespace()
+        _mount(str(copy), DBUS_SESSION_CONF, None, _MS_BIND, None)
+
+    @contextlib.contextmanager
+    def private_tmpfs(self, path: Path, mode: int = 0o700) -> Iterator[Path]:
+        """A fresh tmpfs over ``path`` in the private namespace, for the block.
+
+        For the e2e tests: rootful podman 4.3 writes its blob-info cache under
+        ``/var/lib/containers/cache`` whatever its storage config says. ``path`` must already
+        be a directory (nothing is created outside the namespace); the machine's copy is never
+        seen or written, and the tmpfs is detached on the way out (it would also vanish with
+        the namespace).
+        """
+        self.setup()
+        _require_private_namespace()
+        if not path.is_absolute() or path.resolve() != path or path == Path("/"):
+            raise SandboxError(f"refusing a tmpfs over {path}: not a normalized absolute path")
+        if path == RUN or RUN in path.parents or CGROUP_ROOT in path.parents:
+            raise SandboxError(f"refusing a tmpfs over {path}: the sandbox's own mounts")
+        if not path.is_dir():
+            raise SandboxError(f"{path} is not a directory on this machine; create it first")
+        _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode={mode:o}")
+        try:
+            yield path
+        finally:
+            _require_tmpfs(path)
+            _umount(path, _MNT_DETACH)
+
     def summary(self) -> str:
         """One paragraph about the worlds built in this session."""
         if not self.timings:
@@ -965,6 +1017,51 @@ class Sandbox:
                 message = bytes(message).decode(errors="replace")
             result.append(str(message))
         return result
+
+    @contextlib.contextmanager
+    def other_uids_allowed(self) -> Iterator[str]:
+        """Let processes of other uids connect to this world's session bus, for the block.
+
+        dbus-daemon (1.14) lets only its own uid connect to a bus whose config names no
+        ``<allow user=...>``; the session config of the machine names none. Inside the
+        namespace (never on the machine), ``/usr/share/dbus-1/session.conf`` is overlaid once
+        per session with a copy that also includes :data:`DBUS_SESSION_POLICY` when it exists;
+        this writes ``<allow user="*"/>`` there and has the running bus reload its config
+        (``ReloadConfig``), then removes it and reloads again on the way out. The bus socket
+        lives in the 0700 ``XDG_RUNTIME_DIR``, so it is also hard-linked into a 0755 directory;
+        the address of that link is what the block gets. EXTERNAL auth still checks the
+        caller's real uid (``SO_PEERCRED``), and dbus-daemon admits only uids it can resolve
+        (``getpwuid``, for the groups): use one with a passwd entry, such as ``nobody``.
+        """
+        _require_tmpfs(RUN)
+        self.host.overlay_session_bus_config()
+        shared = RUN / "user" / f"w{self.index}.shared"
+        shared.mkdir(mode=0o755)
+        shared.chmod(0o755)
+        link = shared / "bus"
+        os.link(self.runtime_dir / "bus", link)
+        try:
+            DBUS_SESSION_POLICY.write_text(DBUS_ANY_UID_POLICY)
+            self._reload_bus_config()
+            yield f"unix:path={link}"
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                DBUS_SESSION_POLICY.unlink()
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._reload_bus_config()
+            link.unlink()
+            shared.rmdir()
+
+    def _reload_bus_config(self) -> None:
+        self.run(
+            "busctl",
+            "--user",
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "ReloadConfig",
+        )
 
     def unit_path(self) -> list[str]:
         """The manager's ``UnitPath``, highest precedence first."""

@@ -20,6 +20,8 @@ from stackd.errors import StackdError
 __all__ = ["UnitFileError", "read_owned", "remove_unit", "write_unit"]
 
 UNIT_SUFFIXES = (".service",)
+# Only the user's own manager reads them; they name env files (paths, not contents).
+UNIT_MODE = 0o600
 
 
 class UnitFileError(StackdError):
@@ -100,8 +102,11 @@ def write_unit(unit_dir: Path, name: str, text: str) -> None:
     tmp = unit_dir / f".{name}.stackd-tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, UNIT_MODE
+    )
     try:
+        os.fchmod(fd, UNIT_MODE)  # whatever the umask: the same mode from a unit or a terminal
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
