@@ -15,8 +15,8 @@ from helpers import FAKE_COMPOSE, make_stack_dir, stackd, write_config
 from sandbox import Sandbox
 
 from stackd.adapters.unitfiles import write_unit
-from stackd.verify import desired_units
 from stackd.settings import load_config
+from stackd.verify import desired_units
 
 
 def setup_stacks(sandbox: Sandbox, names: list[str], daemon: str = "") -> Path:
