@@ -1,0 +1,243 @@
+"""Benchmark `stackd check --offline --json` against `systemctl --user show` on 500 stacks.
+
+Runs inside the test sandbox (real `systemd --user` + session bus + journald in a private mount
+namespace; root only). The daemon runs once as stackd.service to write and start the stacks'
+units (tests/support/fake-compose), then is stopped: `check --offline` asks the user manager
+itself. Timed as whole processes (median of N runs after a warm-up, commands taking turns):
+
+- `stackd check --offline --json` (target: <= 400 ms median with 500 stacks)
+- `systemctl --user show -p FragmentPath,DropInPaths,ActiveState` over the same units (the
+  stacks' `<name>.service` and `<name>-update.service`), and over the `<name>.service` only
+- baselines: `python -c pass`, `stackd --version`
+
+then splits one `check --offline` into its phases (a fresh process per sample: imports,
+config, render, connect, the per-unit D-Bus reads, UnitPath, the disk scan + evaluation) and
+compares ways of reading the units' properties over D-Bus.
+
+    sudo .venv/bin/python bench/check.py [--quick] [--stacks 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import _sandbox as sbx
+
+TARGET_MS = 400.0
+SHOW_PROPS = "FragmentPath,DropInPaths,ActiveState"
+
+# One `check --offline`, phase by phase, in a fresh interpreter (argv: config path, mode).
+PHASES = r"""
+import sys, time
+t0 = time.perf_counter()
+marks = []
+def mark(name):
+    marks.append((name, time.perf_counter()))
+import asyncio, json, os
+from pathlib import Path
+mark("import asyncio, json")
+from stackd.settings import load_config
+mark("import stackd.settings (pydantic)")
+from stackd.verify import compute_findings, desired_units
+from stackd.core.status import finding_to_json
+mark("import stackd.reconcile (structlog, core)")
+from dbus_fast.aio import MessageBus
+from dbus_fast import Message
+from stackd.adapters.systemd import SystemdManager, unit_object_path
+mark("import dbus_fast.aio, adapters.systemd")
+config = load_config(Path(sys.argv[1]), os.environ)
+mark("load_config")
+desired = desired_units(config)
+mark("desired_units (read compose files, render)")
+units = []
+for stack in config.stacks:
+    units += [stack.unit, stack.update_unit]
+mode = sys.argv[2]
+
+async def get_all_only(bus, names, limit):
+    slots = asyncio.Semaphore(limit)
+    async def one(name):
+        async with slots:
+            return await bus.call(Message(
+                destination="org.freedesktop.systemd1", path=unit_object_path(name),
+                interface="org.freedesktop.DBus.Properties", member="GetAll", signature="s",
+                body=["org.freedesktop.systemd1.Unit"]))
+    return await asyncio.gather(*(one(n) for n in names))
+
+async def main():
+    bus = await MessageBus(bus_address=os.environ["DBUS_SESSION_BUS_ADDRESS"]).connect()
+    mark("connect")
+    manager = SystemdManager(bus, max_in_flight=64)
+    await manager.subscribe()
+    mark("AddMatch x3 + Subscribe")
+    if mode == "stackd":
+        await manager.watch(units)
+        mark(f"watch: LoadUnit+GetAll+Get(Result) x{len(units)}, 64 in flight")
+    else:
+        limit = int(mode.split(":")[1])
+        await get_all_only(bus, units, limit)
+        mark(f"GetAll(Unit) only x{len(units)}, {limit} in flight")
+        await manager.watch(units)
+        mark(f"(then the stackd watch: LoadUnit+GetAll+Get x{len(units)})")
+    search = await manager.unit_path()
+    mark("UnitPath")
+    findings = compute_findings(config, desired, search, manager.units, True)
+    mark("compute_findings (scan search path, evaluate)")
+    bus.disconnect()
+    return findings
+
+findings = asyncio.run(main())
+now = __import__("datetime").datetime.now()
+doc = {"version": 1, "findings": [finding_to_json(f, now) for f in findings]}
+sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+mark("output")
+prev = t0
+out = []
+for name, t in marks:
+    out.append([name, (t - prev) * 1000])
+    prev = t
+summary = {"phases": out, "total": (prev - t0) * 1000, "findings": len(findings)}
+sys.stderr.write("PHASES " + json.dumps(summary) + "\n")
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="5 runs per command instead of 21")
+    p.add_argument("--runs", type=int, default=None, help="runs per command (default 21)")
+    p.add_argument("--stacks", type=int, default=500, help="stack count (default 500)")
+    return p.parse_args(argv)
+
+
+def phases(sandbox: sbx.Sandbox, config: Path, mode: str, runs: int) -> dict[str, Any]:
+    """Median per phase of `runs` fresh processes running PHASES."""
+    per: dict[str, list[float]] = {}
+    totals: list[float] = []
+    findings = 0
+    for _ in range(runs):
+        result = sandbox.run(sys.executable, "-c", PHASES, str(config), mode, timeout=120)
+        line = next(x for x in result.stderr.splitlines() if x.startswith("PHASES "))
+        data = json.loads(line.removeprefix("PHASES "))
+        for name, ms in data["phases"]:
+            per.setdefault(name, []).append(ms)
+        totals.append(data["total"])
+        findings = data["findings"]
+    return {
+        "phases": [(name, statistics.median(v)) for name, v in per.items()],
+        "total": statistics.median(totals),
+        "findings": findings,
+    }
+
+
+def importtime(sandbox: sbx.Sandbox, *args: str) -> list[tuple[str, float]]:
+    """The biggest top-level imports (cumulative ms) of one run."""
+    out = sandbox.run(sys.executable, "-X", "importtime", *args, check=False, timeout=60).stderr
+    top = []
+    for line in out.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\S+)$", line)  # indent 1: top level
+        if m:
+            top.append((m.group(3), int(m.group(2)) / 1000))
+    return sorted(top, key=lambda x: -x[1])[:8]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = args.runs or (5 if args.quick else 21)
+    count = args.stacks
+    with sbx.world("bench/check") as sandbox:
+        config = sbx.stacks_config(sandbox, count)
+        took = sbx.start_stackd(sandbox)
+        active = sbx.wait_all_active(sandbox, count)
+        sbx.stop_stackd(sandbox)
+        print(f"{count} stacks: stackd start {took:.1f}s, active {active:.1f}s later; stopped")
+        stackd = str(sbx.STACKD_BIN)
+        both = sbx.stack_units(count, update_units=True)
+        main_units = sbx.stack_units(count)
+        check = sbx.Command(
+            "stackd check --offline --json", (stackd, "check", "--offline", "--json")
+        )
+        timings = sbx.time_runs(
+            sandbox,
+            [
+                check,
+                sbx.Command(
+                    f"systemctl --user show -p {SHOW_PROPS} ({len(both)} units)",
+                    ("systemctl", "--user", "--no-pager", "show", "-p", SHOW_PROPS, *both),
+                    ok_codes=(0,),
+                ),
+                sbx.Command(
+                    f"systemctl --user show -p {SHOW_PROPS} ({len(main_units)} units)",
+                    ("systemctl", "--user", "--no-pager", "show", "-p", SHOW_PROPS, *main_units),
+                    ok_codes=(0,),
+                ),
+                sbx.Command("python -c pass (same venv)", (sys.executable, "-c", "pass")),
+                sbx.Command("stackd --version", (stackd, "--version"), ok_codes=(0,)),
+            ],
+            runs=runs,
+        )
+        doc = json.loads(sandbox.run(stackd, "check", "--offline", "--json", check=False).stdout)
+        split_runs = max(3, runs // 3)
+        current = phases(sandbox, config, "stackd", split_runs)
+        alternatives = {
+            limit: phases(sandbox, config, f"getall:{limit}", split_runs) for limit in (64, 128)
+        }
+        imports = importtime(sandbox, "-m", "stackd", "check", "--offline", "--json")
+
+    rows = []
+    for t in timings:
+        verdict = ""
+        if t is timings[0]:
+            verdict = f"target <= {TARGET_MS:.0f}: " + (
+                "met" if t.median_ms <= TARGET_MS else "MISSED"
+            )
+        rows.append(
+            [
+                t.label,
+                f"{t.median_ms:.1f}",
+                f"{t.min_ms:.1f}",
+                f"{t.p90_ms:.1f}",
+                f"{t.stdout_bytes:,}",
+                verdict,
+            ]
+        )
+    sbx.print_table(
+        f"{count} stacks, whole-process wall time, ms ({runs} runs after 3 warm-up runs; "
+        f"check found {len(doc['findings'])} findings)",
+        ["command", "median", "min", "p90", "stdout bytes", ""],
+        rows,
+    )
+    rows = [[name, f"{ms:.1f}"] for name, ms in current["phases"]]
+    rows.append(["total (in-process, after interpreter start-up)", f"{current['total']:.1f}"])
+    sbx.print_table(
+        f"one `check --offline`, phase by phase (median of {split_runs} fresh processes), ms",
+        ["phase", "ms"],
+        rows,
+    )
+    rows = []
+    for limit, data in alternatives.items():
+        rows += [
+            [f"{limit} in flight", name, f"{ms:.1f}"]
+            for name, ms in data["phases"]
+            if "GetAll" in name or "LoadUnit" in name
+        ]
+    sbx.print_table(
+        "reading the units over D-Bus: GetAll on the computed object path vs stackd's watch, ms",
+        ["bound", "phase", "ms"],
+        rows,
+    )
+    sbx.print_table(
+        "largest top-level imports of `python -X importtime -m stackd check --offline --json`",
+        ["module", "cumulative ms"],
+        [[name, f"{ms:.1f}"] for name, ms in imports],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
