@@ -42,6 +42,13 @@ from typing import Any
 BUSYBOX = Path("/bin/busybox")
 REGISTRY_BIN = "docker-registry"
 TEST_REPO = "stackd-test/app"
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+# docker-compose v2 (Debian 13) is a docker CLI plugin; the binary also runs on its own.
+COMPOSE_V2_PLUGINS = (
+    "/usr/libexec/docker/cli-plugins/docker-compose",
+    "/usr/lib/docker/cli-plugins/docker-compose",
+)
 # Applets linked into the test image; the entrypoint only needs sh, sleep and cat.
 APPLETS = ("sh", "sleep", "cat", "echo", "ls", "true", "false", "env", "httpd", "wget")
 ENTRYPOINT = """#!/bin/sh
@@ -93,7 +100,9 @@ def detect_compose_provider(preferred: str | None = None) -> ComposeProvider | N
         if path:
             return ComposeProvider("podman-compose", (path,), recreates_on_image_change=False)
     if choice == "docker-compose":
-        path = _which("docker-compose")
+        path = _which("docker-compose") or next(
+            (p for p in COMPOSE_V2_PLUGINS if os.access(p, os.X_OK)), None
+        )
         if path:
             return ComposeProvider(
                 "docker-compose", (path,), recreates_on_image_change=True, needs_api_socket=True
@@ -286,9 +295,8 @@ class Registry:
         return f"{self.host}/{repo}:{tag}"
 
 
-@contextlib.contextmanager
-def start_registry(base: Path, port: int, timeout: float = 15) -> Iterator[Registry]:
-    """Run Debian's distribution registry on 127.0.0.1:`port`, storage under `base`."""
+def registry_config(base: Path, port: int) -> Path:
+    """Write a config for Debian's registry on 127.0.0.1:`port`, storage under `base`."""
     root = base / "registry"
     (root / "data").mkdir(parents=True, exist_ok=True)
     config = root / "config.yml"
@@ -299,6 +307,23 @@ def start_registry(base: Path, port: int, timeout: float = 15) -> Iterator[Regis
         "  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: stackd-e2e\n"
     )
+    return config
+
+
+def registry_ready(port: int) -> bool:
+    """True once the registry on 127.0.0.1:`port` answers `GET /v2/` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+@contextlib.contextmanager
+def start_registry(base: Path, port: int, timeout: float = 15) -> Iterator[Registry]:
+    """Run Debian's distribution registry on 127.0.0.1:`port`, storage under `base`."""
+    config = registry_config(base, port)
+    root = config.parent
     log = (root / "registry.log").open("wb")
     proc = subprocess.Popen(
         [REGISTRY_BIN, "serve", str(config)],
@@ -308,20 +333,13 @@ def start_registry(base: Path, port: int, timeout: float = 15) -> Iterator[Regis
     )
     try:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{port}/v2/"
-        while True:
+        while not registry_ready(port):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"registry exited {proc.returncode}: {(root / 'registry.log').read_text()}"
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"registry not ready on {url}")
+                raise TimeoutError(f"registry not ready on 127.0.0.1:{port}")
             time.sleep(0.05)
         yield Registry(port, proc, root)
     finally:
