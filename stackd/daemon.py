@@ -7,7 +7,6 @@ first SIGTERM/SIGINT starts the shutdown; a second one forces it. SIGHUP re-read
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import structlog
 from dbus_fast import NameFlag, RequestNameReply
@@ -25,7 +25,7 @@ from stackd.adapters.calendar import CalendarError
 from stackd.adapters.inotify import UnitDirWatcher
 from stackd.adapters.notify import Notifier
 from stackd.adapters.store import HistoryStore, state_dir
-from stackd.adapters.systemd import SystemdManager
+from stackd.adapters.systemd import SystemdError, SystemdManager
 from stackd.api import BUS_NAME, OBJECT_PATH, DaemonApi
 from stackd.busaddr import user_bus_address
 from stackd.core.findings import FindingBook, FindingDelta
@@ -43,6 +43,7 @@ log = structlog.get_logger("stackd")
 SHUTDOWN_BOUND_S = 10.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
+SOCKET_POLL_S = 0.05  # while the bus is gone: how often to look for its socket
 
 
 class NameTakenError(StackdError):
@@ -101,6 +102,7 @@ class Daemon:
         self._status_doc: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
         self._dirty_units: set[str] = set()
         self._reevaluate = asyncio.Event()
+        self._followed = False  # the current bus connection reached the manager
 
     # -- views ---------------------------------------------------------------------------
 
@@ -351,12 +353,16 @@ class Daemon:
 
     async def _connection_loop(self) -> None:
         backoff = BACKOFF_START_S
+        address = user_bus_address(self._environ)
+        socket_path = _bus_socket_path(address)
         while True:
             bus: MessageBus | None = None
+            # Which bus socket this attempt is for: a pause ends early only for a new one.
+            tried = _file_identity(socket_path) if socket_path is not None else None
+            self._followed = False
             try:
-                bus = await connect_user_bus(user_bus_address(self._environ))
+                bus = await connect_user_bus(address)
                 await self._serve(bus)
-                backoff = BACKOFF_START_S
             except (OSError, EOFError, ManagerUnavailableError) as exc:
                 self._set_manager_unavailable(str(exc) or type(exc).__name__)
                 log.warning(
@@ -369,9 +375,31 @@ class Daemon:
                 self.api = None
                 if bus is not None and bus.connected:
                     bus.disconnect()
+            if self._followed:
+                backoff = BACKOFF_START_S  # this connection worked: start the backoff over
             self._mark_ready()
-            await asyncio.sleep(backoff)
+            await self._retry_pause(backoff, socket_path, tried)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _retry_pause(
+        self, seconds: float, socket_path: Path | None, tried: tuple[int, int] | None
+    ) -> None:
+        """Wait `seconds` before connecting again, or less: until there is a bus socket other
+        than the one last tried. A user manager that stops takes its bus with it; when it
+        starts again, the new socket is there well before a grown backoff would end."""
+        if socket_path is None:
+            await asyncio.sleep(seconds)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            now = _file_identity(socket_path)
+            if now is not None and now != tried:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, SOCKET_POLL_S))
 
     async def _serve(self, bus: MessageBus) -> None:
         """One life of the bus connection: own the name, serve the API, follow the manager."""
@@ -400,9 +428,13 @@ class Daemon:
         try:
             while True:
                 await self._follow_manager(manager, presence, disconnected)
-                # Wait until the manager is back on the bus (or a bounded retry interval).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(presence.back.wait(), BACKOFF_MAX_S)
+                # Wait until the manager is back on the bus (or a bounded retry interval),
+                # unless the bus itself is gone: then reconnecting is the only way back.
+                back: asyncio.Future[Any] = asyncio.ensure_future(presence.back.wait())
+                await asyncio.wait(
+                    {back, disconnected}, timeout=BACKOFF_MAX_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                back.cancel()
                 if disconnected.done():
                     raise ManagerUnavailableError("the user bus connection was closed")
         finally:
@@ -423,6 +455,7 @@ class Daemon:
             await manager.watch(self.reconciler.watched_units(), lazy=self.reconciler.lazy_units())
             await self.refresh_search_path()
             self._clear_manager_unavailable()
+            self._followed = True
             log.info("manager.connected", message="connected to the systemd user manager")
             await self.reconciler.run("start" if not self._ready else "reconnect")
             self._mark_ready()
@@ -440,9 +473,13 @@ class Daemon:
             manager.available = False
             self._set_manager_unavailable("the manager left the bus")
             log.warning("manager.unavailable", message="the user manager left the bus")
-        except ManagerUnavailableError as exc:
-            if disconnected.done():
-                raise
+        except (ManagerUnavailableError, SystemdError) as exc:
+            # A manager going away mid-call (a re-exec, a stop) can also answer with an
+            # error of its own: either way, wait until it is back and start over. But when
+            # the bus connection broke under a call (its disconnect future may be set only
+            # later), reconnect rather than wait for a manager that cannot come back on it.
+            if disconnected.done() or isinstance(exc.__cause__, OSError | EOFError):
+                raise ManagerUnavailableError(str(exc)) from exc
             manager.available = False
             self._set_manager_unavailable(str(exc))
             self._mark_ready()
@@ -476,6 +513,28 @@ class Daemon:
                 config=self.config_label,
             )
         self.notifier.ready(self._status_line())
+
+
+def _bus_socket_path(address: str) -> Path | None:
+    """The socket file of the first `unix:path=` in a D-Bus address, None for other kinds."""
+    for entry in address.split(";"):
+        transport, _, params = entry.partition(":")
+        if transport != "unix":
+            continue
+        for param in params.split(","):
+            key, _, value = param.partition("=")
+            if key == "path" and value:
+                return Path(unquote(value))  # D-Bus escapes bytes in values as %XX
+    return None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`: a socket created anew has a new one. None when absent."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def run_daemon(config_path: Path | None, environ: Mapping[str, str]) -> int:

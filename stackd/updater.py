@@ -23,7 +23,13 @@ import structlog
 
 from stackd.adapters import calendar
 from stackd.adapters.compose import EngineImages, engine_for, service_images
-from stackd.adapters.store import HistoryStore, StoreError
+from stackd.adapters.store import (
+    HistoryStore,
+    StoreError,
+    run_finished_record,
+    run_started_record,
+    stack_finished_record,
+)
 from stackd.adapters.systemd import PROPS_IFACE, UNIT_IFACE, SystemdError
 from stackd.core.models import Config, StackSpec
 from stackd.core.render import compose_project_name
@@ -54,6 +60,8 @@ log = structlog.get_logger("stackd")
 
 # Beyond the unit's own TimeoutStartSec (which systemd enforces) we stop waiting after this.
 WAIT_MARGIN_S = 30.0
+# How often records kept in memory are tried again while the state dir refuses them.
+FLUSH_RETRY_S = 2.0
 _RUNNING_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -80,8 +88,10 @@ class Updater:
         self._emit = emit
         self._on_change = on_change
         self.current: UpdateRun | None = None
+        self.recovered = False  # set once `recover` has completed what it found
         self._task: asyncio.Task[UpdateRun] | None = None
-        self._pending_writes: list[dict[str, Any]] = []
+        self._pending_writes: list[dict[str, Any]] = []  # records not written yet, in order
+        self._flush_task: asyncio.Task[None] | None = None
         self.store_error: str | None = None
         self.next_run: datetime | None = None
         self._history_cache: list[UpdateRun] | None = None
@@ -89,8 +99,9 @@ class Updater:
     # -- views ---------------------------------------------------------------------------
 
     def history(self, limit: int) -> list[UpdateRun]:
+        """The history, with the records still waiting for the state dir to be writable."""
         try:
-            return self._store.read(limit)
+            return self._store.read(limit, pending=self._pending_writes)
         except StoreError as exc:
             self._report_store_error(exc)
             return []
@@ -128,6 +139,14 @@ class Updater:
 
     async def start(self, names: Sequence[str], trigger: Trigger) -> UpdateRun:
         """Record a new run and start it in the background; refuse while one runs."""
+        if not self.recovered:
+            # Until `recover` has read the history, a new run would count as one a
+            # previous daemon left unfinished, and be completed twice.
+            waiting = f"update run {self.current.run}" if self.current else "update runs"
+            raise UpdateBusyError(
+                f"the daemon is still completing the {waiting} a previous daemon left "
+                "unfinished; try again in a moment (`stackd status` shows it)"
+            )
         if self._task is not None and not self._task.done() and self.current is not None:
             raise UpdateBusyError(
                 f"update run {self.current.run} is still in progress; wait for it to finish "
@@ -143,7 +162,7 @@ class Updater:
             trigger=trigger,
         )
         self.current = run
-        self._write(lambda: self._store.append_run_started(run), {"kind": "run.started"})
+        self._write(run_started_record(run))
         log.info(
             "update.started",
             message=f"update run {run.run} ({trigger}): {len(stacks)} stacks: "
@@ -263,7 +282,7 @@ class Updater:
         )
 
     def _record_stack(self, result: StackUpdateResult) -> None:
-        self._write(lambda: self._store.append_stack_finished(result), {"kind": "stack.finished"})
+        self._write(stack_finished_record(result))
         level = log.error if result.is_failure else log.info
         level(
             "update.stack.finished",
@@ -281,7 +300,7 @@ class Updater:
 
     def _finish(self, run: UpdateRun, *, recovered: bool) -> UpdateRun:
         run = replace(run, finished_at=datetime.now(UTC), recovered=recovered)
-        self._write(lambda: self._store.append_run_finished(run), {"kind": "run.finished"})
+        self._write(run_finished_record(run))
         message = summary_message(run)
         fields = summary_fields(run)
         level = log.error if run.failed else log.info
@@ -302,25 +321,36 @@ class Updater:
 
     # -- durability -------------------------------------------------------------------------
 
-    def _write(self, action: Callable[[], None], what: dict[str, Any]) -> None:
-        """Write to the history; on failure keep it in memory and retry on the next write."""
-        pending, self._pending_writes = self._pending_writes, []
-        for retry in pending:
-            try:
-                retry["action"]()
-            except StoreError:
-                self._pending_writes.append(retry)
+    def _write(self, record: dict[str, Any]) -> None:
+        """Append a history record; when the state dir refuses it (read-only, full), keep it
+        in memory, in order, and write it when that works again: at the next record, or
+        from a retry every FLUSH_RETRY_S, whichever comes first."""
+        self._pending_writes.append(record)
+        self._flush()
         if self._pending_writes:
-            self._pending_writes.append({"action": action, **what})
-            return
-        try:
-            action()
-            if self.store_error is not None:
-                self.store_error = None
-                log.info("state.write_failed", message="the state directory is writable again")
-        except StoreError as exc:
-            self._pending_writes.append({"action": action, **what})
-            self._report_store_error(exc)
+            self._history_cache = None  # the views read the kept records too
+            if self._flush_task is None or self._flush_task.done():
+                self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
+
+    def _flush(self) -> None:
+        while self._pending_writes:
+            try:
+                self._store.append(self._pending_writes[0])
+            except StoreError as exc:
+                self._report_store_error(exc)
+                return
+            # Only a record that was written leaves the queue: none is lost or reordered.
+            self._pending_writes.pop(0)
+        if self.store_error is not None:
+            self.store_error = None
+            self._history_cache = None
+            log.info("state.write_failed", message="the state directory is writable again")
+            self._on_change()
+
+    async def _flush_later(self) -> None:
+        while self._pending_writes:
+            await asyncio.sleep(FLUSH_RETRY_S)
+            self._flush()
 
     def _report_store_error(self, exc: StoreError) -> None:
         if self.store_error != str(exc):
@@ -340,9 +370,12 @@ class Updater:
             unfinished = self._store.unfinished_runs()
         except StoreError as exc:
             self._report_store_error(exc)
+            self.recovered = True  # nothing readable to complete; new runs may start
             return
         config = self._config()
         for run in unfinished:
+            self.current = run  # `updates.running` in the status, and named when busy
+            self._on_change()
             done = {r.stack for r in run.results}
             results = list(run.results)
             for name in run.stacks:
@@ -352,6 +385,8 @@ class Updater:
                 self._record_stack(result)
                 results.append(result)
             self._finish(replace(run, results=tuple(results)), recovered=True)
+        self.current = None
+        self.recovered = True
 
     async def _recover_stack(self, run: UpdateRun, name: str, config: Config) -> StackUpdateResult:
         stack = config.stack(name) or StackSpec(name=name, directory=config.daemon.unit_dir)

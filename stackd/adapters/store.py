@@ -40,6 +40,9 @@ __all__ = [
     "StateFile",
     "StoreError",
     "ensure_private_dir",
+    "run_finished_record",
+    "run_started_record",
+    "stack_finished_record",
     "state_dir",
 ]
 
@@ -150,38 +153,24 @@ class HistoryStore:
             os.close(fd)
 
     def append_run_started(self, run: UpdateRun) -> None:
-        self.append(
-            {
-                "kind": "run.started",
-                "run": run.run,
-                "trigger": run.trigger,
-                "stacks": list(run.stacks),
-                "started_at": format_timestamp(run.started_at),
-            }
-        )
+        self.append(run_started_record(run))
 
     def append_stack_finished(self, result: StackUpdateResult) -> None:
-        self.append({"kind": "stack.finished", **stack_result_to_json(result)})
+        self.append(stack_finished_record(result))
 
     def append_run_finished(self, run: UpdateRun) -> None:
-        if run.finished_at is None:
-            raise ValueError(f"run {run.run} has no finished_at")
-        self.append(
-            {
-                "kind": "run.finished",
-                "run": run.run,
-                "finished_at": format_timestamp(run.finished_at),
-                "recovered": run.recovered,
-            }
-        )
+        self.append(run_finished_record(run))
 
     # --- reading ---
 
-    def read(self, limit: int | None = None) -> list[UpdateRun]:
+    def read(
+        self, limit: int | None = None, *, pending: Iterable[Mapping[str, Any]] = ()
+    ) -> list[UpdateRun]:
         """The runs in the history, newest first; at most `limit` of them.
 
         With a limit, the file is read backwards only as far as the oldest run needed.
-        A missing file is an empty history.
+        A missing file is an empty history. `pending` records (not written yet: the state
+        dir was read-only or full) count as if they followed the file's last line.
         """
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
@@ -194,10 +183,10 @@ class HistoryStore:
                 else:
                     records = _tail_records(file, limit)
         except FileNotFoundError:
-            return []
+            records = []
         except OSError as exc:
             raise _error("read the update history", self.path, exc) from exc
-        runs = _build_runs(records)
+        runs = _build_runs([*records, *(dict(r) for r in pending)])
         runs.reverse()
         return runs if limit is None else runs[:limit]
 
@@ -230,6 +219,31 @@ class HistoryStore:
         except OSError as exc:
             raise _error("read the update history", self.path, exc) from exc
         return None
+
+
+def run_started_record(run: UpdateRun) -> dict[str, Any]:
+    return {
+        "kind": "run.started",
+        "run": run.run,
+        "trigger": run.trigger,
+        "stacks": list(run.stacks),
+        "started_at": format_timestamp(run.started_at),
+    }
+
+
+def stack_finished_record(result: StackUpdateResult) -> dict[str, Any]:
+    return {"kind": "stack.finished", **stack_result_to_json(result)}
+
+
+def run_finished_record(run: UpdateRun) -> dict[str, Any]:
+    if run.finished_at is None:
+        raise ValueError(f"run {run.run} has no finished_at")
+    return {
+        "kind": "run.finished",
+        "run": run.run,
+        "finished_at": format_timestamp(run.finished_at),
+        "recovered": run.recovered,
+    }
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

@@ -117,6 +117,7 @@ class SystemdManager:
         self.available = False
         self._generation = 0  # bumped by every reload; older reads are stale
         self._lazy: frozenset[str] = frozenset()
+        self._matched = False
         bus.add_message_handler(self._on_message)
 
     # -- calls -------------------------------------------------------------------------
@@ -177,10 +178,22 @@ class SystemdManager:
         return list(reply.body)
 
     async def subscribe(self) -> None:
-        """Ask for the signals we keep our copy with. Must run before `snapshot`."""
-        for rule in _MATCH_RULES:
-            await self._bus_call("AddMatch", "s", [rule])
-        await self.call("Subscribe")
+        """Ask for the signals we keep our copy with. Must run before `snapshot`.
+
+        Called again whenever the manager comes back on the same bus connection: the match
+        rules stay with the connection and are added once (the bus limits their number),
+        `Subscribe` goes to the new manager.
+        """
+        if not self._matched:
+            for rule in _MATCH_RULES:
+                await self._bus_call("AddMatch", "s", [rule])
+            self._matched = True
+        try:
+            await self.call("Subscribe")
+        except SystemdError as exc:
+            # A re-executed manager keeps its subscribers: then we are subscribed already.
+            if exc.error_name != "org.freedesktop.systemd1.AlreadySubscribed":
+                raise
         self.available = True
 
     async def unit_path(self) -> list[str]:
@@ -388,9 +401,16 @@ class SystemdManager:
         elif msg.interface == MANAGER_IFACE:
             self._on_manager_signal(member or "", msg.body)
         elif member == "NameOwnerChanged" and msg.body and msg.body[0] == SYSTEMD:
-            present = bool(msg.body[2])
-            self.available = present
-            self._emit("owner", present)
+            old_owner, new_owner = msg.body[1], msg.body[2]
+            if old_owner:
+                # The manager we subscribed to is gone. A re-executing manager often hands
+                # its name straight to its new connection (old -> new, never ""): that is
+                # a new manager too, with none of our state, so report it as gone first.
+                self.available = False
+                self._emit("owner", False)
+            if new_owner:
+                # Not available yet: that takes `subscribe` on the new connection.
+                self._emit("owner", True)
         return None
 
     def _on_properties_changed(self, msg: Message) -> None:
