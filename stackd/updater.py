@@ -15,7 +15,7 @@ import random
 import secrets
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -414,6 +414,9 @@ class Updater:
                 await _unit_ref(manager, unit, "Unref")
         commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
         if left is None or left < run.started_at:
+            marked = self._result_marker(unit, run.started_at)
+            if marked is not None:
+                return _from_marker(run, name, unit, marked, config.updates.timeout_s)
             # Never started in this run; or it ended in success while no stackd was there
             # and systemd has unloaded it since (a failed unit stays loaded).
             return skipped_stack(
@@ -439,6 +442,19 @@ class Updater:
             after=(),
             timeout_s=config.updates.timeout_s,
         )
+
+    def _result_marker(self, unit: str, since: datetime) -> _Marker | None:
+        """What the update unit wrote at its end (ExecStopPost), if it ended after `since`."""
+        path = self._store.path.parent / "results" / unit
+        try:
+            at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            words = path.read_text(encoding="utf-8", errors="replace").split()
+        except OSError:
+            return None
+        if at < since or not words:
+            return None
+        words += ["", ""]
+        return _Marker(service_result=words[0], exit_code=words[1], exit_status=words[2], at=at)
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -512,6 +528,43 @@ async def _unit_timestamps(
             usec = int(value.value)
         stamps.append(datetime.fromtimestamp(usec / 1_000_000, UTC) if usec else None)
     return stamps[0], stamps[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    """$SERVICE_RESULT, $EXIT_CODE, $EXIT_STATUS as the update unit's ExecStopPost saw them."""
+
+    service_result: str
+    exit_code: str
+    exit_status: str
+    at: datetime
+
+
+def _from_marker(
+    run: UpdateRun, stack: str, unit: str, marked: _Marker, timeout_s: float
+) -> StackUpdateResult:
+    """A stack's result from the marker its update unit left while no daemon was running."""
+    result = finish_stack(
+        run=run.run,
+        stack=stack,
+        unit=unit,
+        started_at=run.started_at,
+        finished_at=max(marked.at, run.started_at),
+        job_result="done" if marked.service_result == "success" else "failed",
+        unit_result=marked.service_result,
+        commands=(),
+        before=(),
+        after=(),
+        timeout_s=timeout_s,
+    )
+    if not result.is_failure:
+        return result
+    how = f"{marked.exit_code} {marked.exit_status}".strip()
+    return replace(
+        result,
+        error=f"the update unit ended with {marked.service_result} ({how}) while no daemon "
+        "was running; see `journalctl --user -u " + unit + "`",
+    )
 
 
 def _failed(run_id: str, stack: StackSpec, at: datetime, error: str) -> StackUpdateResult:

@@ -253,6 +253,21 @@ def _command_line(words: Iterable[str]) -> str:
     return " ".join([escape_executable(executable), *map(escape_exec_arg, args)])
 
 
+# Where an update unit leaves its result for a daemon that was not running when it ended:
+# systemd forgets a oneshot that ended in success once nothing holds it (no Result, no
+# timestamps), so a restarted daemon could not tell "succeeded" from "never started".
+# The directory is the daemon's state directory ($XDG_STATE_HOME/stackd, as the manager's
+# environment has it: %S means other things in other systemd versions); `$$` leaves the
+# variables to the shell; the leading `-` keeps a failed write from changing the result.
+RESULTS_SUBDIR = "stackd/results"
+UPDATE_RESULT_LINE = (
+    "ExecStopPost=-/bin/sh -c 'umask 077 && "
+    'd="$${XDG_STATE_HOME:-$$HOME/.local/state}/stackd/results" && mkdir -p "$$d" && '
+    'printf "%%s %%s %%s\\n" "$$SERVICE_RESULT" "$$EXIT_CODE" "$$EXIT_STATUS" '
+    '> "$$d/%n"\''
+)
+
+
 def render_stack_units(inp: RenderInput) -> dict[str, str]:
     """The two unit files of one stack, by unit name: `<name>.service`, `<name>-update.service`."""
     stack = inp.stack
@@ -298,6 +313,7 @@ def render_stack_units(inp: RenderInput) -> dict[str, str]:
         *environment,
         f"ExecStart={_command_line([*compose, 'pull'])}",
         f"ExecStart={up}",
+        UPDATE_RESULT_LINE,
         f"TimeoutStartSec={_timespan(inp.update_timeout_s, 'update timeout')}",
     ]
     return {

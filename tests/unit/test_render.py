@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from stackd.core.models import Config, DaemonConfig, StackSpec, UpdateConfig
 from stackd.core.render import (
     MARKER_PREFIX,
+    UPDATE_RESULT_LINE,
     RenderInput,
     compose_project_name,
     content_hash,
@@ -91,6 +92,7 @@ class TestTypicalStack:
             "EnvironmentFile=/run/secrets/web.env\n"
             "ExecStart=podman compose -p web -f compose.yaml pull\n"
             "ExecStart=podman compose -p web -f compose.yaml up -d --remove-orphans\n"
+            f"{UPDATE_RESULT_LINE}\n"
             "TimeoutStartSec=30min\n"
         )
         assert render_stack_units(make_input())["web-update.service"] == with_marker(body)
@@ -520,6 +522,7 @@ def expected_structure(inp: RenderInput) -> dict[str, list[str]]:
             *env,
             "ExecStart",
             "ExecStart",
+            "ExecStopPost",
             "TimeoutStartSec",
         ],
     }
