@@ -111,7 +111,7 @@ class DaemonApi:
         bus.add_message_handler(self._on_message)
 
     def _get_status(self, args: list[Any]) -> str:
-        return self._backend.status_json([str(s) for s in args[0]])
+        return self._backend.status_json(args[0])  # the signature (as) was checked
 
     async def _check(self, _args: list[Any]) -> str:
         return await self._backend.check_json()

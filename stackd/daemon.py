@@ -42,6 +42,7 @@ log = structlog.get_logger("stackd")
 
 SHUTDOWN_BOUND_S = 10.0
 BACKOFF_START_S = 0.1
+STATUS_PARTS_MAX = 4096
 BACKOFF_MAX_S = 5.0
 SOCKET_POLL_S = 0.05  # while the bus is gone: how often to look for its socket
 
@@ -99,6 +100,8 @@ class Daemon:
         self._ready = False
         self._manager_lost = asyncio.Event()
         self._status_cache: str | None = None
+        # Answers to filtered GetStatus calls (one stack each, typically), until a change.
+        self._status_parts: dict[tuple[str, ...], str] = {}
         self._status_doc: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
         self._dirty_units: set[str] = set()
         self._reevaluate = asyncio.Event()
@@ -131,9 +134,12 @@ class Daemon:
 
     def invalidate(self) -> None:
         self._status_cache = None
+        self._status_parts.clear()
 
     def status_json(self, stacks: list[str]) -> str:
         """The status document (cached until something changes), or a few stacks of it."""
+        if stacks and (cached := self._status_parts.get(tuple(stacks))) is not None:
+            return cached  # the hot path of many clients polling one stack each
         doc, by_name = self._status_document()
         if not stacks:
             assert self._status_cache is not None
@@ -144,8 +150,9 @@ class Daemon:
                 f"no stack named {', '.join(unknown)} in {self.config_label}; "
                 f"configured: {', '.join(by_name) or 'none'}"
             )
+        key = tuple(stacks)
         wanted = set(stacks)
-        return json.dumps(
+        text = json.dumps(
             {
                 **doc,
                 "stacks": [entry for name, entry in by_name.items() if name in wanted],
@@ -154,6 +161,9 @@ class Daemon:
                 ],
             }
         )
+        if len(self._status_parts) < STATUS_PARTS_MAX:
+            self._status_parts[key] = text
+        return text
 
     def _status_document(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """Build the whole document once per change; filtered answers reuse its pieces."""
