@@ -30,35 +30,11 @@ from collections.abc import Collection, Iterator, Sequence
 from types import MappingProxyType
 
 from stackd.core.ownership import DiskView, UnitFile, UnitFileKind
+from stackd.core.watchset import dropin_dir_names
 
 __all__ = ["dropin_dir_names", "scan"]
 
 _DROPIN_SUFFIX = ".conf"
-
-
-def dropin_dir_names(unit: str) -> tuple[str, ...]:
-    """Name-specific drop-in directories of `unit`, most specific first (no type-level one).
-
-    Mirrors systemd's prefix walk: each step cuts the name after its last dash, and a trailing
-    dash is chopped once before looking further ("foo--bar" -> "foo--", "foo-").
-    """
-    stem, dot, suffix = unit.rpartition(".")
-    if not dot:
-        return (f"{unit}.d",)
-    names = [f"{unit}.d"]
-    prefix = stem
-    while True:
-        chopped = False
-        while True:
-            dash = prefix.rfind("-")
-            if dash <= 0:  # no dash, or only a leading one
-                return tuple(names)
-            if dash + 1 < len(prefix) or chopped:
-                prefix = prefix[: dash + 1]
-                break
-            prefix = prefix[:dash]
-            chopped = True
-        names.append(f"{prefix}.{suffix}.d")
 
 
 def _unit_type(unit: str) -> str | None:

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stackd.adapters.unitdirs import dropin_dir_names as scanner_dropin_dir_names
 from stackd.core.watchset import (
     WatchPlan,
     WatchSet,
@@ -55,10 +54,6 @@ class TestDropinDirNames:
     )
     def test_names(self, unit: str, expected: tuple[str, ...]) -> None:
         assert dropin_dir_names(unit) == expected
-
-    @given(st.from_regex(r"[a-z-]{1,12}\.(service|socket)", fullmatch=True))
-    def test_agrees_with_the_scanner(self, unit: str) -> None:
-        assert dropin_dir_names(unit) == scanner_dropin_dir_names(unit)
 
 
 class TestAffectedUnits:
