@@ -26,7 +26,7 @@ from stackd.adapters.inotify import UnitDirWatcher
 from stackd.adapters.notify import Notifier
 from stackd.adapters.store import HistoryStore, state_dir
 from stackd.adapters.systemd import SystemdError, SystemdManager
-from stackd.api import BUS_NAME, OBJECT_PATH, DaemonApi
+from stackd.api import BUS_NAME, DaemonApi
 from stackd.busaddr import user_bus_address
 from stackd.core.findings import FindingBook, FindingDelta
 from stackd.core.models import Config, Finding, FindingKind, FindingSource
@@ -551,6 +551,3 @@ def run_daemon(config_path: Path | None, environ: Mapping[str, str]) -> int:
     """Entry point of `stackd daemon`: config errors surface before anything starts."""
     daemon = Daemon(config_path, environ)
     return asyncio.run(daemon.run())
-
-
-__all__ += ["OBJECT_PATH"]

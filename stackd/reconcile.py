@@ -245,10 +245,6 @@ class Reconciler:
         task.add_done_callback(self._jobs.discard)
         task.add_done_callback(_log_crash)
 
-    async def wait_jobs(self) -> None:
-        while self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
-
     def _log_legacy(self, config: Config, desired: DesiredUnits) -> None:
         for name, files in desired.files.items():
             if files.legacy_fallback and self._legacy_seen.get(name) != files.legacy_fallback:

@@ -217,10 +217,6 @@ class SystemdManager:
         (job,) = await self.call("StopUnit", "ss", [unit, mode])
         return str(job)
 
-    async def reset_failed_unit(self, unit: str) -> None:
-        with contextlib.suppress(SystemdError):
-            await self.call("ResetFailedUnit", "s", [unit])
-
     async def wait_job(self, job: str, within_s: float | None) -> JobOutcome:
         """Wait for JobRemoved of `job`; a timeout yields result "timeout" (job left running)."""
         if (done := self._recent_jobs.get(job)) is not None:

@@ -164,7 +164,6 @@ class UnitState:
     fragment_path: str = ""
     drop_in_paths: tuple[str, ...] = ()
     need_daemon_reload: bool = False
-    unit_file_state: str = ""
     result: str = ""
     load_error: str = ""
 

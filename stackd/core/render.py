@@ -259,7 +259,6 @@ def _command_line(words: Iterable[str]) -> str:
 # The directory is the daemon's state directory ($XDG_STATE_HOME/stackd, as the manager's
 # environment has it: %S means other things in other systemd versions); `$$` leaves the
 # variables to the shell; the leading `-` keeps a failed write from changing the result.
-RESULTS_SUBDIR = "stackd/results"
 UPDATE_RESULT_LINE = (
     "ExecStopPost=-/bin/sh -c 'umask 077 && "
     'd="$${XDG_STATE_HOME:-$$HOME/.local/state}/stackd/results" && mkdir -p "$$d" && '
