@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import string
@@ -162,14 +163,17 @@ class Updater:
             trigger=trigger,
         )
         self.current = run
-        self._write(run_started_record(run))
-        log.info(
-            "update.started",
-            message=f"update run {run.run} ({trigger}): {len(stacks)} stacks: "
-            f"{', '.join(run.stacks) or 'none'}",
-            run=run.run,
-            trigger=trigger,
-            stacks=list(run.stacks),
+        self._write(
+            run_started_record(run),
+            announce=functools.partial(
+                log.info,
+                "update.started",
+                message=f"update run {run.run} ({trigger}): {len(stacks)} stacks: "
+                f"{', '.join(run.stacks) or 'none'}",
+                run=run.run,
+                trigger=trigger,
+                stacks=list(run.stacks),
+            ),
         )
         self._emit(
             "UpdateProgress", {"run": run.run, "stacks": list(run.stacks), "state": "started"}
@@ -282,9 +286,9 @@ class Updater:
         )
 
     def _record_stack(self, result: StackUpdateResult) -> None:
-        self._write(stack_finished_record(result))
         level = log.error if result.is_failure else log.info
-        level(
+        announce = functools.partial(
+            level,
             "update.stack.finished",
             message=stack_message(result),
             run=result.run,
@@ -296,22 +300,23 @@ class Updater:
             exit_status=result.exit_status,
             changes=[c.describe() for c in result.changes],
         )
+        self._write(stack_finished_record(result), announce=announce)
         self._emit("UpdateProgress", stack_result_to_json(result))
 
     def _finish(self, run: UpdateRun, *, recovered: bool) -> UpdateRun:
         run = replace(run, finished_at=datetime.now(UTC), recovered=recovered)
-        self._write(run_finished_record(run))
-        message = summary_message(run)
         fields = summary_fields(run)
         level = log.error if run.failed else log.info
-        level(
+        announce = functools.partial(
+            level,
             "update.finished",
-            message=message,
+            message=summary_message(run),
             run=run.run,
             succeeded_count=len(run.succeeded),
             failed_count=len(run.failed),
             **{k: v for k, v in fields.items() if k != "STACKD_RUN"},
         )
+        self._write(run_finished_record(run), announce=announce)
         self._emit("UpdateFinished", run_summary_json(run))
         if self.current is not None and self.current.run == run.run:
             self.current = None
@@ -321,21 +326,39 @@ class Updater:
 
     # -- durability -------------------------------------------------------------------------
 
-    def _write(self, record: dict[str, Any]) -> None:
-        """Append a history record; when the state dir refuses it (read-only, full), keep it
-        in memory, in order, and write it when that works again: at the next record, or
-        from a retry every FLUSH_RETRY_S, whichever comes first."""
+    def _write(self, record: dict[str, Any], *, announce: Callable[[], object]) -> None:
+        """Append a history record and `announce` it (its journal event) once.
+
+        The event goes out right after the record reaches the file and before the fsync:
+        a kill -9 between the two would leave a record whose event nobody sends (the next
+        daemon sees the step done) or, the other way round, an event sent twice; keeping
+        them microseconds apart, not a disk flush apart, makes that all but impossible.
+        When the state dir refuses the record (read-only, full), it is announced at once,
+        kept in memory, in order, and written when that works again: at the next record,
+        or from a retry every FLUSH_RETRY_S, whichever comes first."""
+        announced = False
+
+        def announce_once() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                announce()
+
         self._pending_writes.append(record)
-        self._flush()
+        self._flush(record, announce_once)
+        announce_once()
         if self._pending_writes:
             self._history_cache = None  # the views read the kept records too
             if self._flush_task is None or self._flush_task.done():
                 self._flush_task = asyncio.get_running_loop().create_task(self._flush_later())
 
-    def _flush(self) -> None:
+    def _flush(
+        self, new: dict[str, Any] | None = None, on_written: Callable[[], None] | None = None
+    ) -> None:
         while self._pending_writes:
+            record = self._pending_writes[0]
             try:
-                self._store.append(self._pending_writes[0])
+                self._store.append(record, on_written=on_written if record is new else None)
             except StoreError as exc:
                 self._report_store_error(exc)
                 return

@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -120,8 +120,11 @@ class HistoryStore:
 
     # --- writing ---
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Append one record as one line; durable when this returns."""
+    def append(
+        self, record: Mapping[str, Any], *, on_written: Callable[[], None] | None = None
+    ) -> None:
+        """Append one record as one line; durable when this returns. `on_written` runs once
+        the line is in the file (a killed process leaves it there) and before the fsync."""
         kind = record.get("kind")
         if kind not in RECORD_KINDS:
             raise ValueError(f"unknown history record kind {kind!r}")
@@ -144,6 +147,8 @@ class HistoryStore:
             written = os.write(fd, line)
             if written != len(line):
                 raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+            if on_written is not None:
+                on_written()
             os.fsync(fd)
             if info.st_size == 0:
                 _fsync_dir(self.path.parent)
