@@ -29,6 +29,7 @@ tests/unit/test_render_verify.py):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -110,6 +111,8 @@ class RenderInput:
 
 def unit_value_problem(value: str) -> str | None:
     """Why `value` cannot be written into a unit file, or None when it can."""
+    if value.isprintable():  # every forbidden category is non-printable: the common case
+        return None
     for index, char in enumerate(value):
         if unicodedata.category(char) in _FORBIDDEN_CATEGORIES:
             return (
@@ -126,6 +129,7 @@ def _checked(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
 def escape_exec_arg(s: str) -> str:
     """One argument of `ExecStart=`/`ExecStop=`, written so that systemd passes exactly `s`."""
     _checked(s, "command argument")
@@ -135,6 +139,7 @@ def escape_exec_arg(s: str) -> str:
     return '"' + doubled.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=64)
 def escape_executable(s: str) -> str:
     """The first word of a command line: an absolute path or a name found on systemd's PATH."""
     _checked(s, "executable")
