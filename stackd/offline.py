@@ -15,10 +15,10 @@ from typing import Any
 
 from stackd.adapters.bus import connect_user_bus
 from stackd.busaddr import user_bus_address
+from stackd.configcache import load_config_cached
 from stackd.core.models import Finding, FindingKind, FindingSource
 from stackd.core.status import finding_to_json
 from stackd.errors import ManagerUnavailableError
-from stackd.settings import load_config
 from stackd.verify import compute_findings, desired_units
 
 __all__ = ["offline_check", "render_command"]
@@ -27,7 +27,7 @@ __all__ = ["offline_check", "render_command"]
 async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[Finding]:
     from stackd.adapters.systemd import SystemdManager
 
-    config = load_config(config_path, environ)
+    config = load_config_cached(config_path, environ)
     # Rendering reads every compose file: let it run while the manager is asked.
     rendering = asyncio.ensure_future(asyncio.to_thread(desired_units, config))
     try:
@@ -69,7 +69,7 @@ def offline_check(config_path: Path | None, environ: Mapping[str, str]) -> dict[
 
 
 def render_command(config_path: Path | None, environ: Mapping[str, str], *, diff: bool) -> str:
-    config = load_config(config_path, environ)
+    config = load_config_cached(config_path, environ)
     desired = desired_units(config)
     out: list[str] = []
     for name, problems in desired.broken.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo
 
+from stackd.configpath import CONFIG_ENV_VAR, default_config_path, locate_config
 from stackd.core.durations import parse_duration
 from stackd.core.models import (
     Config,
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "STACKD_"
-CONFIG_ENV_VAR = "STACKD_CONFIG"
 # STACKD_* variables that are never settings. Other STACKD_* variables are settings when they
 # start with a section name, or with something close to one: a typo (STACKD_DAEMON_HEAL,
 # STACKD_UPDATE__TIMEOUT) is an error rather than silently ignored.
@@ -228,26 +227,6 @@ class _Problem(NamedTuple):
     reason: str
 
 
-def _home(environ: Mapping[str, str]) -> str | None:
-    home = environ.get("HOME")
-    if home:
-        return home
-    try:
-        return pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
-        return None
-
-
-def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
-    """`$XDG_CONFIG_HOME/stackd/config.toml`, XDG_CONFIG_HOME defaulting to ~/.config."""
-    env = os.environ if environ is None else environ
-    xdg = env.get("XDG_CONFIG_HOME", "")
-    # The XDG spec says to ignore a relative XDG_CONFIG_HOME.
-    absolute = bool(xdg) and Path(xdg).is_absolute()
-    base = Path(xdg) if absolute else Path(_home(env) or "/") / ".config"
-    return base / "stackd" / "config.toml"
-
-
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, override and validate the configuration; raise ConfigError naming what is wrong.
 
@@ -255,18 +234,9 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     named by `path` or STACKD_CONFIG must exist.
     """
     env = os.environ if environ is None else environ
-    home = _home(env)
-    named_by = "--config"
-    if path is None and env.get(CONFIG_ENV_VAR):
-        path, named_by = Path(env[CONFIG_ENV_VAR]), CONFIG_ENV_VAR
-    if path is not None:
-        path = _expand_user(path, home)
-        data = _read_toml(path, named_by)
-        source: Path | None = path.absolute()
-    else:
-        path = default_config_path(env)
-        data = _read_toml(path, None)
-        source = path.absolute() if data is not None else None
+    path, named_by, home = locate_config(path, env)
+    data = _read_toml(path, named_by)
+    source = path.absolute() if data is not None else None
     file = str(path)
 
     tree: dict[str, Any] = data if data is not None else {}
@@ -283,13 +253,6 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ConfigError(first.file, first.key, first.reason + more)
     return _to_config(settings, source)
-
-
-def _expand_user(path: Path, home: str | None) -> Path:
-    text = str(path)
-    if home and (text == "~" or text.startswith("~/")):
-        return Path(home + text[1:])
-    return path
 
 
 def _read_toml(path: Path, named_by: str | None) -> dict[str, Any] | None:
