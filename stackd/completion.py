@@ -345,6 +345,15 @@ writes
 .I $XDG_STATE_HOME/stackd/
 update history (default
 .IR ~/.local/state/stackd )
+.TP
+.I $XDG_CACHE_HOME/stackd/config.pickle
+the last config that validated, keyed by its content, so that
+.B check \-\-offline
+and
+.B render
+skip the validator's start-up cost (default
+.IR ~/.cache/stackd ;
+safe to delete)
 .SH ENVIRONMENT
 .TP
 .B STACKD_CONFIG
