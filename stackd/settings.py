@@ -62,6 +62,12 @@ ENV_ORIGIN = "environment"  # the `file` of a ConfigError about an environment v
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab"}
+# U+FDD0..U+FDEF and U+xFFFE/U+xFFFF of all 17 planes: systemd drops a unit line holding one.
+_NONCHARACTER = re.compile(
+    "[\ufdd0-\ufdef"
+    + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17))
+    + "]"
+)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)$")
 _TOML_DECLARED_TWICE = re.compile(r"Cannot declare \((.*)\) twice")
@@ -91,6 +97,12 @@ def _text(value: object) -> str:
         char = control.group()
         name = _CONTROL_NAMES.get(char, f"the control character U+{ord(char):04X}")
         raise ValueError(f"{value!r} contains {name}: values must be one line of printable text")
+    odd = _NONCHARACTER.search(value)
+    if odd:
+        raise ValueError(
+            f"{value!r} contains the Unicode noncharacter U+{ord(odd.group()):04X}, which "
+            "systemd refuses in unit files: remove it"
+        )
     return value
 
 

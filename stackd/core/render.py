@@ -119,7 +119,18 @@ def unit_value_problem(value: str) -> str | None:
                 f"character U+{ord(char):04X} at position {index} cannot be written into a "
                 "systemd unit (control characters and line breaks are not allowed)"
             )
+        if _is_noncharacter(ord(char)):
+            return (
+                f"character U+{ord(char):04X} at position {index} cannot be written into a "
+                "systemd unit (systemd refuses Unicode noncharacters as not UTF-8 clean)"
+            )
     return None
+
+
+def _is_noncharacter(code: int) -> bool:
+    """U+FDD0..U+FDEF and U+xFFFE/U+xFFFF of every plane: systemd's UTF-8 check refuses them
+    and drops the whole assignment."""
+    return 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
 
 
 def _checked(value: str, what: str) -> str:

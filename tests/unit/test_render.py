@@ -332,6 +332,12 @@ class TestRefusals:
             "character U+000A at position 2 cannot be written into a systemd unit "
             "(control characters and line breaks are not allowed)"
         )
+        for odd in ("\ufdd0", "\ufdef", "\ufffe", "\U0001ffff", "\U0010fffe"):
+            problem = unit_value_problem(f"/srv/{odd}")
+            assert problem is not None
+            assert f"U+{ord(odd):04X} at position 5" in problem
+            assert "noncharacter" in problem
+        assert unit_value_problem("/srv/\ufdf0\ufffd\U0001fffd") is None
 
 
 class TestComposeFileArguments:
@@ -442,7 +448,10 @@ class TestRenderAll:
 # Properties over arbitrary values
 
 FORBIDDEN = {"Cc", "Cs", "Zl", "Zp"}
-printable = st.characters(exclude_categories=sorted(FORBIDDEN))  # type: ignore[arg-type]
+printable = st.characters(exclude_categories=sorted(FORBIDDEN)).filter(  # type: ignore[arg-type]
+    # Unicode noncharacters: systemd refuses them (not "UTF-8 clean"), so does stackd.
+    lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE)
+)
 any_text = st.text(printable, min_size=1, max_size=20)
 segment = any_text.filter(lambda s: "/" not in s and s not in {".", ".."})
 abs_path = st.lists(segment, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
