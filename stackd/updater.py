@@ -18,6 +18,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -193,21 +194,26 @@ class Updater:
 
         async def one(stack: StackSpec) -> StackUpdateResult:
             async with slots:
-                result = await self._update_stack(run.run, stack, config)
+                ran = await self._run_unit(run.run, stack, config)
+            # The unit has ended: its slot goes to the next stack while this one's result
+            # is read (unit properties, the engine's images) and recorded.
+            result = ran if isinstance(ran, StackUpdateResult) else await self._collect(ran)
             self._record_stack(result)
             return result
 
         results = await asyncio.gather(*(one(s) for s in stacks))
         return self._finish(replace(run, results=tuple(results)), recovered=False)
 
-    async def _update_stack(
+    async def _run_unit(
         self, run_id: str, stack: StackSpec, config: Config
-    ) -> StackUpdateResult:
+    ) -> StackUpdateResult | _UnitRan:
+        """Start the stack's update unit and wait until it has ended; a result when it never
+        ran (refused, not loaded, already running)."""
         unit = stack.update_unit
         now = datetime.now(UTC)
         try:
             manager = self._manager()
-            state = await manager.load_state(unit)
+            state = await manager.load_state(unit, details=False)
         except (ManagerUnavailableError, SystemdError) as exc:
             return _failed(run_id, stack, now, f"refused: {exc}")
         if state.load_state != "loaded":
@@ -239,7 +245,7 @@ class Updater:
             # Our wait ran out before systemd's own timeout did: stop the unit ourselves.
             with contextlib.suppress(ManagerUnavailableError, SystemdError):
                 await manager.run_job("stop", unit, within_s=WAIT_MARGIN_S)
-        return await self._collect(
+        return _UnitRan(
             run_id=run_id,
             stack=stack,
             started=started,
@@ -247,42 +253,31 @@ class Updater:
             before=before,
             engine=engine,
             project=project,
-            config=config,
+            timeout_s=config.updates.timeout_s,
         )
 
-    async def _collect(
-        self,
-        *,
-        run_id: str,
-        stack: StackSpec,
-        started: datetime,
-        job_result: str,
-        before: EngineImages,
-        engine: str | None,
-        project: str,
-        config: Config,
-    ) -> StackUpdateResult:
+    async def _collect(self, ran: _UnitRan) -> StackUpdateResult:
         """Build the stack's result from the unit's properties and the engine's view."""
-        unit = stack.update_unit
+        unit = ran.stack.update_unit
         unit_result = ""
         commands: list[ExecCommand] = []
         with contextlib.suppress(ManagerUnavailableError, SystemdError):
             props = await self._manager().service_properties(unit, ["Result", "ExecStart"])
             unit_result = str(props.get("Result", ""))
             commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
-        after = await service_images(engine, project)
+        after = await service_images(ran.engine, ran.project)
         return finish_stack(
-            run=run_id,
-            stack=stack.name,
+            run=ran.run_id,
+            stack=ran.stack.name,
             unit=unit,
-            started_at=started,
+            started_at=ran.started,
             finished_at=datetime.now(UTC),
-            job_result=job_result,
+            job_result=ran.job_result,
             unit_result=unit_result,
             commands=commands,
-            before=before.images,
+            before=ran.before.images,
             after=after.images,
-            timeout_s=config.updates.timeout_s,
+            timeout_s=ran.timeout_s,
         )
 
     def _record_stack(self, result: StackUpdateResult) -> None:
@@ -466,9 +461,14 @@ class Updater:
             timeout_s=config.updates.timeout_s,
         )
 
+    @property
+    def _results_dir(self) -> Path:
+        """Where update units leave their result (render.UPDATE_RESULT_LINE)."""
+        return self._store.path.parent / "results"
+
     def _result_marker(self, unit: str, since: datetime) -> _Marker | None:
         """What the update unit wrote at its end (ExecStopPost), if it ended after `since`."""
-        path = self._store.path.parent / "results" / unit
+        path = self._results_dir / unit
         try:
             at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
             words = path.read_text(encoding="utf-8", errors="replace").split()
@@ -551,6 +551,20 @@ async def _unit_timestamps(
             usec = int(value.value)
         stamps.append(datetime.fromtimestamp(usec / 1_000_000, UTC) if usec else None)
     return stamps[0], stamps[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _UnitRan:
+    """An update unit that ran and ended: what its result is built from."""
+
+    run_id: str
+    stack: StackSpec
+    started: datetime
+    job_result: str
+    before: EngineImages
+    engine: str | None
+    project: str
+    timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -282,18 +282,19 @@ class SystemdManager:
         for state in states:
             self._store(state)
 
-    async def load_state(self, unit: str) -> UnitState:
-        (state,) = await self.load_states([unit])
+    async def load_state(self, unit: str, *, details: bool = True) -> UnitState:
+        (state,) = await self.load_states([unit], details=details)
         return state
 
     async def load_states(
-        self, units: Sequence[str], *, lazy: Collection[str] = ()
+        self, units: Sequence[str], *, lazy: Collection[str] = (), details: bool = True
     ) -> list[UnitState]:
         """The state of many units at the cost of one call plus three small Gets each.
 
         Deliberately not GetAll on the Unit interface: that makes the manager compute
         UnitFileState, which rescans every unit directory per unit (quadratic: ~3 s for
         1000 units). ListUnitsByNames loads the units and answers the states in one call.
+        Without `details`, that call is all: load, active and sub state, no file paths.
         """
         if not units:
             return []
@@ -322,7 +323,9 @@ class SystemdManager:
                 )
             )
         paths = {str(row[0]): str(row[6]) for row in rows}
-        read = await asyncio.gather(*(self._details(s, paths[s.name]) for s in states))
+        read = states
+        if details:
+            read = await asyncio.gather(*(self._details(s, paths[s.name]) for s in states))
         by_name = {s.name: s for s in [*read, *unloaded]}
         return [by_name[u] for u in units if u in by_name]
 
@@ -351,12 +354,12 @@ class SystemdManager:
         return state
 
     async def service_properties(self, unit: str, names: Sequence[str]) -> dict[str, Any]:
-        """Selected properties of a service (Result, ExecMainStatus, ExecStart, ...)."""
-        (path,) = await self.call("LoadUnit", "s", [unit])
-        (props,) = await self.call(
-            "GetAll", "s", [SERVICE_IFACE], path=str(path), interface=PROPS_IFACE
-        )
-        return {n: _plain(props[n].value) for n in names if n in props}
+        """Selected properties of a service (Result, ExecMainStatus, ExecStart, ...): one Get
+        each on the unit's object path (the manager loads the unit if it has to), in parallel;
+        a GetAll would marshal the whole Service interface for two values."""
+        path = unit_object_path(unit)
+        values = await asyncio.gather(*(self._get(path, SERVICE_IFACE, n) for n in names))
+        return dict(zip(names, values, strict=True))
 
     def _store(self, state: UnitState) -> None:
         if self._watched.get(state.name) != state and state.name in self._watched:
