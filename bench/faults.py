@@ -40,6 +40,7 @@ import _sandbox as sbx
 
 sys.path.insert(0, str(sbx.REPO / "tests" / "integration"))
 
+from helpers import unit_show
 from test_faults import (
     all_active,
     caught_up,
@@ -51,7 +52,6 @@ from test_faults import (
     kill_rounds,
     remount,
     state_dir,
-    unit_show,
     update_while_refused,
 )
 

@@ -18,7 +18,6 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,8 +31,8 @@ from stackd.adapters.store import (
     run_started_record,
     stack_finished_record,
 )
-from stackd.adapters.systemd import PROPS_IFACE, UNIT_IFACE, SystemdError
-from stackd.core.models import Config, StackSpec
+from stackd.adapters.systemd import PROPS_IFACE, UNIT_IFACE, SystemdError, unit_object_path
+from stackd.core.models import Config, StackSpec, UnitState
 from stackd.core.render import compose_project_name
 from stackd.core.schedule import apply_randomized_delay
 from stackd.core.updates import (
@@ -64,7 +63,7 @@ log = structlog.get_logger("stackd")
 WAIT_MARGIN_S = 30.0
 # How often records kept in memory are tried again while the state dir refuses them.
 FLUSH_RETRY_S = 2.0
-_RUNNING_STATES = frozenset({"active", "activating", "deactivating", "reloading"})
+_MOVING_STATES = frozenset({"activating", "deactivating", "reloading", "refreshing"})
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -197,8 +196,13 @@ class Updater:
                 ran = await self._run_unit(run.run, stack, config)
             # The unit has ended: its slot goes to the next stack while this one's result
             # is read (unit properties, the engine's images) and recorded.
-            result = ran if isinstance(ran, StackUpdateResult) else await self._collect(ran)
+            if isinstance(ran, StackUpdateResult):
+                self._record_stack(ran)
+                return ran
+            result = await self._collect(ran)
             self._record_stack(result)
+            if ran.job_result == "done":
+                await self._release(ran.stack.update_unit)
             return result
 
         results = await asyncio.gather(*(one(s) for s in stacks))
@@ -223,7 +227,7 @@ class Updater:
                 now,
                 f"{unit} is not loaded ({state.load_state}); see `stackd check`",
             )
-        if state.active_state in _RUNNING_STATES:
+        if _is_running(state):
             return skipped_stack(
                 run=run_id,
                 stack=stack.name,
@@ -231,6 +235,13 @@ class Updater:
                 at=now,
                 reason=f"{unit} is already running ({state.active_state}); not started twice",
             )
+        if _is_kept(state):
+            # An earlier success still held for its record (or started by hand): a start
+            # would be a no-op, so it is stopped first.
+            try:
+                await manager.run_job("stop", unit, within_s=WAIT_MARGIN_S)
+            except (ManagerUnavailableError, SystemdError) as exc:
+                return _failed(run_id, stack, now, f"refused: {exc}")
         engine = config.daemon.engine or engine_for(config.daemon.compose_command)
         project = compose_project_name(stack.name)
         before = await service_images(engine, project)
@@ -399,85 +410,85 @@ class Updater:
             for name in run.stacks:
                 if name in done:
                     continue
-                result = await self._recover_stack(run, name, config)
+                result, kept = await self._recover_stack(run, name, config)
                 self._record_stack(result)
+                if kept:
+                    await self._release(kept)
                 results.append(result)
             self._finish(replace(run, results=tuple(results)), recovered=True)
         self.current = None
         self.recovered = True
 
-    async def _recover_stack(self, run: UpdateRun, name: str, config: Config) -> StackUpdateResult:
+    async def _recover_stack(
+        self, run: UpdateRun, name: str, config: Config
+    ) -> tuple[StackUpdateResult, str | None]:
+        """The stack's result in `run` from what its update unit says, and the unit when it is
+        kept `active (exited)` (to be released once the result is recorded)."""
         stack = config.stack(name) or StackSpec(name=name, directory=config.daemon.unit_dir)
         unit = stack.update_unit
         manager = self._manager()
-        state = await manager.load_state(unit)
+        state = await manager.load_state(unit, details=False)
         held = False
-        if state.active_state in _RUNNING_STATES:
-            # systemd unloads a unit that ended in success once nothing refers to it, and
-            # with it its Result and timestamps: hold a reference until they are read.
+        if _is_running(state):
+            # An adopted update unit (no RemainAfterExit) is unloaded once it ends in
+            # success and nothing refers to it: hold a reference until it is read.
             held = await _unit_ref(manager, unit, "Ref")
         try:
-            while state.active_state in _RUNNING_STATES:
+            while _is_running(state):
                 await asyncio.sleep(0.2)
-                state = await manager.load_state(unit)
+                state = await manager.load_state(unit, details=False)
             props: dict[str, Any] = {}
             with contextlib.suppress(SystemdError):
-                props = await manager.service_properties(unit, ["Result", "ExecStart"])
-            # When the unit last left and re-entered `inactive`: unit timestamps survive a
-            # daemon-reload (the per-command ExecStart statuses do not, and a restarted
-            # stackd reloads), so they tell whether it ran in this run.
-            left, entered = await _unit_timestamps(manager, unit)
+                props = await manager.service_properties(
+                    unit, ["Result", "ExecStart", "ExecMainCode", "ExecMainStatus"]
+                )
+            # Unit timestamps survive a daemon-reload (the per-command ExecStart statuses do
+            # not, and a restarted stackd may reload), so they tell whether it ran in this run.
+            stamps = await _unit_timestamps(manager, unit)
         finally:
             if held:
                 await _unit_ref(manager, unit, "Unref")
-        commands = [ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])]
-        if left is None or left < run.started_at:
-            marked = self._result_marker(unit, run.started_at)
-            if marked is not None:
-                return _from_marker(run, name, unit, marked, config.updates.timeout_s)
-            # Never started in this run; or it ended in success while no stackd was there
-            # and systemd has unloaded it since (a failed unit stays loaded).
-            return skipped_stack(
-                run=run.run,
-                stack=name,
-                unit=unit,
-                at=datetime.now(UTC),
-                reason="no trace of this run in the update unit: the daemon stopped before "
-                "it started, or it ended while no daemon was running and systemd has "
-                "unloaded it since",
+        kept = unit if _is_kept(state) else None
+        started = stamps.get("InactiveExitTimestamp")
+        if started is None or started < run.started_at:
+            # Never started in this run (or an adopted unit that ended in success while no
+            # stackd was there, and systemd has unloaded it since).
+            reason = (
+                "no trace of this run in the update unit: the daemon stopped before it started it"
             )
+            return skipped_stack(
+                run=run.run, stack=name, unit=unit, at=datetime.now(UTC), reason=reason
+            ), kept
+        ended = stamps.get("ActiveEnterTimestamp") if kept else None
+        ended = ended or stamps.get("InactiveEnterTimestamp")
         unit_result = str(props.get("Result", ""))
-        return finish_stack(
+        result = finish_stack(
             run=run.run,
             stack=name,
             unit=unit,
-            started_at=left,
-            finished_at=entered if entered is not None and entered >= left else datetime.now(UTC),
+            started_at=started,
+            finished_at=ended if ended is not None and ended >= started else datetime.now(UTC),
             job_result="done" if unit_result == "success" else "failed",
             unit_result=unit_result,
-            commands=commands,
+            commands=[ExecCommand.from_dbus(c) for c in props.get("ExecStart", [])],
             before=(),
             after=(),
             timeout_s=config.updates.timeout_s,
         )
+        if result.is_failure and not result.failed_command:
+            status = _exit_text(props.get("ExecMainCode"), props.get("ExecMainStatus"))
+            result = replace(
+                result,
+                error=f"the update unit ended with {unit_result}{status} while no daemon "
+                f"was running; see `journalctl --user -u {unit}`",
+            )
+        return result, kept
 
-    @property
-    def _results_dir(self) -> Path:
-        """Where update units leave their result (render.UPDATE_RESULT_LINE)."""
-        return self._store.path.parent / "results"
-
-    def _result_marker(self, unit: str, since: datetime) -> _Marker | None:
-        """What the update unit wrote at its end (ExecStopPost), if it ended after `since`."""
-        path = self._results_dir / unit
-        try:
-            at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            words = path.read_text(encoding="utf-8", errors="replace").split()
-        except OSError:
-            return None
-        if at < since or not words:
-            return None
-        words += ["", ""]
-        return _Marker(service_result=words[0], exit_code=words[1], exit_status=words[2], at=at)
+    async def _release(self, unit: str) -> None:
+        """Stop an update unit kept `active (exited)` once its result is recorded, so that
+        it is inactive again (and systemd may unload it) until the next run."""
+        with contextlib.suppress(ManagerUnavailableError, SystemdError):
+            await self._manager().run_job("stop", unit, within_s=WAIT_MARGIN_S)
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -536,21 +547,43 @@ async def _unit_ref(manager: SystemdManager, unit: str, method: str) -> bool:
     return True
 
 
-async def _unit_timestamps(
-    manager: SystemdManager, unit: str
-) -> tuple[datetime | None, datetime | None]:
-    """`InactiveExitTimestamp` and `InactiveEnterTimestamp` of a unit (None: never)."""
-    stamps: list[datetime | None] = []
-    for name in ("InactiveExitTimestamp", "InactiveEnterTimestamp"):
-        usec = 0
+def _is_running(state: UnitState) -> bool:
+    """Starting, stopping or running (a long-running adopted update unit): not to be started."""
+    return state.active_state in _MOVING_STATES or (
+        state.active_state == "active" and state.sub_state != "exited"
+    )
+
+
+def _is_kept(state: UnitState) -> bool:
+    """Ended in success and held by RemainAfterExit, with its result, until released."""
+    return state.active_state == "active" and state.sub_state == "exited"
+
+
+def _exit_text(code: object, status: object) -> str:
+    """How the failing command ended, from ExecMainCode/ExecMainStatus: " (exited 125)",
+    " (killed by signal 9)"; empty when systemd has no record of it."""
+    if not isinstance(code, int) or not isinstance(status, int) or code == 0:
+        return ""
+    if code == 1:  # CLD_EXITED
+        return f" (exited {status})"
+    return f" (killed by signal {status})"
+
+
+_TIMESTAMPS = ("InactiveExitTimestamp", "ActiveEnterTimestamp", "InactiveEnterTimestamp")
+
+
+async def _unit_timestamps(manager: SystemdManager, unit: str) -> dict[str, datetime]:
+    """The unit's state-change timestamps that are set (a never-reached state is absent)."""
+    path = unit_object_path(unit)
+    stamps: dict[str, datetime] = {}
+    for name in _TIMESTAMPS:
         with contextlib.suppress(SystemdError):
-            (path,) = await manager.call("LoadUnit", "s", [unit])
             (value,) = await manager.call(
-                "Get", "ss", [UNIT_IFACE, name], path=str(path), interface=PROPS_IFACE
+                "Get", "ss", [UNIT_IFACE, name], path=path, interface=PROPS_IFACE
             )
-            usec = int(value.value)
-        stamps.append(datetime.fromtimestamp(usec / 1_000_000, UTC) if usec else None)
-    return stamps[0], stamps[1]
+            if int(value.value):
+                stamps[name] = datetime.fromtimestamp(int(value.value) / 1_000_000, UTC)
+    return stamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,43 +598,6 @@ class _UnitRan:
     engine: str | None
     project: str
     timeout_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Marker:
-    """$SERVICE_RESULT, $EXIT_CODE, $EXIT_STATUS as the update unit's ExecStopPost saw them."""
-
-    service_result: str
-    exit_code: str
-    exit_status: str
-    at: datetime
-
-
-def _from_marker(
-    run: UpdateRun, stack: str, unit: str, marked: _Marker, timeout_s: float
-) -> StackUpdateResult:
-    """A stack's result from the marker its update unit left while no daemon was running."""
-    result = finish_stack(
-        run=run.run,
-        stack=stack,
-        unit=unit,
-        started_at=run.started_at,
-        finished_at=max(marked.at, run.started_at),
-        job_result="done" if marked.service_result == "success" else "failed",
-        unit_result=marked.service_result,
-        commands=(),
-        before=(),
-        after=(),
-        timeout_s=timeout_s,
-    )
-    if not result.is_failure:
-        return result
-    how = f"{marked.exit_code} {marked.exit_status}".strip()
-    return replace(
-        result,
-        error=f"the update unit ended with {marked.service_result} ({how}) while no daemon "
-        "was running; see `journalctl --user -u " + unit + "`",
-    )
 
 
 def _failed(run_id: str, stack: StackSpec, at: datetime, error: str) -> StackUpdateResult:

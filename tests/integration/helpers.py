@@ -82,5 +82,10 @@ def stack_entry(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return entry
 
 
+def unit_show(sandbox: Sandbox, unit: str, *props: str) -> dict[str, str]:
+    out = sandbox.systemctl("show", "-p", ",".join(props), unit).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 def stackd_events(sandbox: Sandbox, event: str) -> list[dict[str, Any]]:
     return sandbox.journal(SYSLOG_IDENTIFIER="stackd", STACKD_EVENT=event)

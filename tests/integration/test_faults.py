@@ -27,6 +27,7 @@ from helpers import (
     stackd,
     stackd_events,
     status_json,
+    unit_show,
     write_config,
 )
 from sandbox import Sandbox
@@ -70,11 +71,6 @@ def kinds(doc: dict[str, Any] | None, stack: str) -> set[tuple[str, str]]:
     if doc is None:
         return set()
     return {(f["kind"], f["source"]) for f in stack_entry(doc, stack)["findings"]}
-
-
-def unit_show(sandbox: Sandbox, unit: str, *props: str) -> dict[str, str]:
-    out = sandbox.systemctl("show", "-p", ",".join(props), unit).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def all_active(sandbox: Sandbox, names: list[str]) -> bool:

@@ -1,8 +1,8 @@
-"""A run whose update unit ended while no daemon was running is completed from its marker.
+"""A run whose update unit ended while no daemon was running is completed from the unit.
 
-systemd forgets a oneshot that ended in success once nothing holds it, so a daemon that was
-down when it ended could not tell "succeeded" from "never started"; the update unit writes
-its result (ExecStopPost) into the state directory, and recovery reads it.
+systemd unloads an inactive oneshot nothing refers to, and with it the result of an update
+that succeeded; stackd's update units keep it (`RemainAfterExit=yes`: `active (exited)`)
+until a daemon has recorded it and stops the unit. A failed unit stays `failed`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import make_stack_dir, stackd, stacks_config, start_stackd
+from helpers import make_stack_dir, stackd, stacks_config, start_stackd, unit_show
 from sandbox import Sandbox
 
 from stackd.adapters.store import HistoryStore
@@ -37,11 +37,11 @@ def _interrupted_run(sandbox: Sandbox, stacks: list[str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("pull_exit", "result", "marker"),
-    [(0, "success", "success exited 0"), (125, "failed", "exit-code exited 125")],
+    ("pull_exit", "result", "left"),
+    [(0, "success", ("active", "exited")), (125, "failed", ("failed", "failed"))],
 )
 def test_result_left_while_daemon_was_down_is_recovered(
-    sandbox: Sandbox, pull_exit: int, result: str, marker: str
+    sandbox: Sandbox, pull_exit: int, result: str, left: tuple[str, str]
 ) -> None:
     stacks_config(sandbox, ["web"])
     start_stackd(sandbox)
@@ -52,8 +52,11 @@ def test_result_left_while_daemon_was_down_is_recovered(
     (control / "pull.exit").write_text(str(pull_exit))
 
     sandbox.systemctl("start", "web-update.service", check=False, timeout=60)
-    marker_file = _state_dir(sandbox) / "results" / "web-update.service"
-    assert marker_file.read_text().split() == marker.split()
+    # Nothing refers to the unit now, yet its result is still there for the next daemon.
+    sandbox.daemon_reload()
+    shown = unit_show(sandbox, "web-update.service", "ActiveState", "SubState", "Result")
+    assert (shown["ActiveState"], shown["SubState"]) == left
+    assert shown["Result"] == ("success" if pull_exit == 0 else "exit-code")
 
     start_stackd(sandbox)
     doc = sandbox.wait_for(
@@ -73,4 +76,33 @@ def test_result_left_while_daemon_was_down_is_recovered(
     assert stack_result["stack"] == "web"
     assert stack_result["result"] == result
     if result == "failed":
-        assert "exit-code" in stack_result["error"]
+        assert "exit-code (exited 125)" in stack_result["error"], stack_result["error"]
+        assert unit_show(sandbox, "web-update.service", "ActiveState")["ActiveState"] == "failed"
+    else:
+        assert stack_result["error"] is None
+        # Recorded, then released: inactive again, ready for the next run.
+        sandbox.wait_for(
+            lambda: (
+                unit_show(sandbox, "web-update.service", "ActiveState")["ActiveState"] == "inactive"
+            ),
+            timeout=10,
+            what="web-update.service released after recovery",
+        )
+
+
+def test_a_unit_kept_from_an_earlier_success_runs_again(sandbox: Sandbox) -> None:
+    """An update unit left `active (exited)` (started by hand, or its daemon was killed
+    before releasing it) is stopped and started again by the next run, not skipped."""
+    stacks_config(sandbox, ["web"])
+    start_stackd(sandbox)
+    sandbox.systemctl("start", "web-update.service", timeout=60)
+    assert unit_show(sandbox, "web-update.service", "SubState")["SubState"] == "exited"
+    log = make_stack_dir(sandbox, "web") / "fake-compose.log"
+    pulls_before = log.read_text().count("pull ")
+
+    result = stackd(sandbox, "update", "--json", "web", timeout=60)
+    assert result.returncode == 0, result.stderr + result.stdout
+    summary = json.loads(result.stdout)
+    assert summary["succeeded"] == ["web"], summary
+    assert log.read_text().count("pull ") == pulls_before + 1
+    assert unit_show(sandbox, "web-update.service", "ActiveState")["ActiveState"] == "inactive"

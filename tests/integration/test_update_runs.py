@@ -21,6 +21,7 @@ from helpers import (
     stackd_events,
     start_stackd,
     status_json,
+    unit_show,
     write_config,
 )
 from sandbox import Sandbox
@@ -131,11 +132,6 @@ def results_by_stack(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def unit_active(sandbox: Sandbox, unit: str) -> bool:
     state = sandbox.systemctl("is-active", unit, check=False).stdout.strip()
     return state in ("active", "activating")
-
-
-def unit_show(sandbox: Sandbox, unit: str, *props: str) -> dict[str, str]:
-    out = sandbox.systemctl("show", "-p", ",".join(props), unit).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:

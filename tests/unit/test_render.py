@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from stackd.core.models import Config, DaemonConfig, StackSpec, UpdateConfig
 from stackd.core.render import (
     MARKER_PREFIX,
-    UPDATE_RESULT_LINE,
     RenderInput,
     compose_project_name,
     content_hash,
@@ -88,11 +87,11 @@ class TestTypicalStack:
             "\n"
             "[Service]\n"
             "Type=oneshot\n"
+            "RemainAfterExit=yes\n"
             "WorkingDirectory=/srv/stacks/web\n"
             "EnvironmentFile=/run/secrets/web.env\n"
             "ExecStart=podman compose -p web -f compose.yaml pull\n"
             "ExecStart=podman compose -p web -f compose.yaml up -d --remove-orphans\n"
-            f"{UPDATE_RESULT_LINE}\n"
             "TimeoutStartSec=30min\n"
         )
         assert render_stack_units(make_input())["web-update.service"] == with_marker(body)
@@ -527,11 +526,11 @@ def expected_structure(inp: RenderInput) -> dict[str, list[str]]:
             "Description",
             "[Service]",
             "Type",
+            "RemainAfterExit",
             "WorkingDirectory",
             *env,
             "ExecStart",
             "ExecStart",
-            "ExecStopPost",
             "TimeoutStartSec",
         ],
     }
