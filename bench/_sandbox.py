@@ -63,9 +63,26 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def editable_install_note() -> str | None:
+    """A note when the stackd being timed is an editable install: its import hook runs in
+    every stackd process (~11 ms here), which a regular install, as the README makes, has not."""
+    hooks = list(Path(sys.prefix).glob("lib/python*/site-packages/__editable__*stackd*"))
+    if not hooks:
+        return None
+    return (
+        "note: stackd is an editable install here; every process pays its import hook "
+        "(~11 ms). The published figures come from a regular install:\n"
+        "  python3 -m venv /tmp/stackd-bench && /tmp/stackd-bench/bin/pip install .\n"
+        "  sudo /tmp/stackd-bench/bin/python bench/<name>.py"
+    )
+
+
 @contextmanager
 def world(name: str) -> Iterator[Sandbox]:
     """One sandbox world for the duration of the block; torn down whatever happens."""
+    note = editable_install_note()
+    if note is not None:
+        print(note, file=sys.stderr)
     reason = enter_private_mount_namespace()  # before anything can start a thread
     if reason is not None:
         raise SystemExit(f"{name}: the sandbox is unavailable: {reason}")
