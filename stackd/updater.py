@@ -191,6 +191,8 @@ class Updater:
         config = self._config()
         slots = asyncio.Semaphore(max(1, config.updates.concurrency))
 
+        kept: list[str] = []
+
         async def one(stack: StackSpec) -> StackUpdateResult:
             async with slots:
                 ran = await self._run_unit(run.run, stack, config)
@@ -202,10 +204,13 @@ class Updater:
             result = await self._collect(ran)
             self._record_stack(result)
             if ran.job_result == "done":
-                await self._release(ran.stack.update_unit)
+                kept.append(ran.stack.update_unit)
             return result
 
         results = await asyncio.gather(*(one(s) for s in stacks))
+        # Released together at the end: a stop job per stack mid-run would take the
+        # manager's attention from the starts of the other stacks.
+        await asyncio.gather(*(self._release(unit) for unit in kept))
         return self._finish(replace(run, results=tuple(results)), recovered=False)
 
     async def _run_unit(
