@@ -4,7 +4,8 @@ Short-lived commands that need the whole config (`check --offline`, the post-swi
 of an activation, and `render`) would otherwise spend ~90 ms importing pydantic and building
 its validators: more than reading and checking 500 stacks. The cache key is everything
 `load_config` depends on: the file's bytes and absolute path, the STACKD_* variables, HOME,
-XDG_CONFIG_HOME, the user, and stackd's own code; any change is a miss and a fresh
+XDG_CONFIG_HOME, the user, and stackd's own code (where it is installed, the size and mtime of
+the modules that define a valid config); any change is a miss and a fresh
 validation. Only a config that validated is stored, so every error is still worded by
 `load_config`. The cache is private to the user (0600 in a 0700 directory, owner checked
 before reading); a cache that cannot be read or written is a miss, never an error.
@@ -70,6 +71,9 @@ def load_config_cached(path: Path | None, environ: Mapping[str, str]) -> Config:
 
 def _key(path: Path, raw: bytes | None, environ: Mapping[str, str]) -> bytes:
     digest = hashlib.sha256(FORMAT + __version__.encode() + sys.version.encode())
+    # Where the code lives too: a Nix store path changes with the build while its files all
+    # carry the same mtime.
+    digest.update(f"{_PACKAGE}\0".encode())
     for name in _CODE:
         info = os.stat(_PACKAGE / name)
         digest.update(f"{name}:{info.st_mtime_ns}:{info.st_size}\0".encode())

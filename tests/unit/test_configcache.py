@@ -4,6 +4,7 @@ anything load_config depends on changing is a miss."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stackd import configcache
 from stackd.configcache import ENV_KEYS, cache_file, load_config_cached
 from stackd.errors import ConfigError
 from stackd.settings import load_config
@@ -163,3 +165,16 @@ def test_load_config_reads_no_variable_the_cache_key_leaves_out(env: dict[str, s
     )
     load_config(None, environ)
     assert {v for v in environ.read if not v.startswith("STACKD_")} <= set(ENV_KEYS)
+
+
+def test_stackd_installed_elsewhere_is_a_miss(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Nix store path changes with each build while every file keeps the same mtime."""
+    load_config_cached(None, env)
+    stored = cache_of(env).stat().st_ino
+    copy = tmp_path / "store" / "stackd"
+    shutil.copytree(configcache._PACKAGE, copy, copy_function=shutil.copy2)
+    monkeypatch.setattr(configcache, "_PACKAGE", copy)
+    assert load_config_cached(None, env) == load_config(None, env)
+    assert cache_of(env).stat().st_ino != stored  # validated afresh, stored anew (a rename)
