@@ -14,7 +14,7 @@ from typing import Any
 from stackd import __version__
 from stackd.errors import StackdError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "home_short", "main"]
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -190,11 +190,12 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
-def _home_short(path: str) -> str:
-    home = os.environ.get("HOME", "")
-    if home and path.startswith(home.rstrip("/") + "/"):
-        return "~" + path[len(home.rstrip("/")) :]
-    return path
+def home_short(path: Path | str) -> str:
+    """`path` with $HOME written as `~`, for messages."""
+    text, home = str(path), os.environ.get("HOME", "").rstrip("/")
+    if home and text.startswith(home + "/"):
+        return "~" + text[len(home) :]
+    return text
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -210,7 +211,7 @@ def format_status(doc: dict[str, Any]) -> str:
     lines = [
         f"stackd pid {daemon['pid']}, up since {daemon['started_at']}, "
         f"user manager {daemon['manager']}",
-        f"config: {_home_short(daemon['config'])}",
+        f"config: {home_short(daemon['config'])}",
     ]
     if daemon.get("config_error"):
         lines.append(
@@ -227,7 +228,7 @@ def format_status(doc: dict[str, Any]) -> str:
             state = f"{stack['active_state']}/{stack['sub_state']}"
             if stack["load_state"] != "loaded":
                 state = stack["load_state"]
-            source = _home_short(stack["fragment_path"]) or "-"
+            source = home_short(stack["fragment_path"]) or "-"
             if stack["drop_in_paths"]:
                 source += f" (+{len(stack['drop_in_paths'])} drop-ins)"
             kinds = sorted({f["kind"] for f in stack["findings"]})

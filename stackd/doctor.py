@@ -22,7 +22,7 @@ from typing import Any
 from stackd.core.models import Config
 from stackd.errors import ConfigError, StackdError
 from stackd.settings import load_config
-from stackd.setup import UNIT_NAME, linger_state, systemctl
+from stackd.setup import UNIT_NAME, linger_state, systemctl, user_name
 
 __all__ = ["Check", "Status", "engine_of", "run_doctor"]
 
@@ -290,14 +290,7 @@ CHECKS: tuple[Callable[[_Context], Check], ...] = (
 
 
 def run_checks() -> list[Check]:
-    import pwd
-
-    uid = os.getuid()
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = os.environ.get("USER", str(uid))
-    ctx = _Context(user=user, uid=uid)
+    ctx = _Context(user=user_name(), uid=os.getuid())
     return [check(ctx) for check in CHECKS]
 
 

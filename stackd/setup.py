@@ -18,16 +18,17 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from stackd.adapters.fsutil import replace_file
+from stackd.cli import home_short
+from stackd.configpath import CONFIG_ENV_VAR, default_config_path
 from stackd.core.models import stack_name_problem
-from stackd.core.render import escape_exec_arg, escape_executable
+from stackd.core.render import command_line as exec_start_line
 from stackd.errors import ConfigError, ManagerUnavailableError, StackdError, UsageError
-from stackd.settings import CONFIG_ENV_VAR, default_config_path, load_config
 
 __all__ = [
     "SETUP_MARKER",
@@ -41,6 +42,7 @@ __all__ = [
     "run_setup",
     "stack_table",
     "toml_string",
+    "user_name",
     "user_unit_dir",
 ]
 
@@ -86,7 +88,6 @@ WantedBy=default.target
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_UNREACHABLE = 3
 
 _MANAGER_HELP = (
     "stackd setup must run as the user who owns the stacks, in a session that has a systemd "
@@ -108,12 +109,6 @@ class SetupRefusedError(StackdError):
 def render_service_unit(exec_start: str) -> str:
     """stackd.service with `exec_start` (already written in systemd syntax) as ExecStart."""
     return UNIT_TEMPLATE.format(exec_start=exec_start)
-
-
-def exec_start_line(argv: Sequence[str]) -> str:
-    """A command line for ExecStart=, every word escaped for systemd."""
-    executable, *args = argv
-    return " ".join([escape_executable(executable), *map(escape_exec_arg, args)])
 
 
 def daemon_command(
@@ -155,32 +150,6 @@ def _has_marker(text: str) -> bool:
     return any(line.startswith(SETUP_MARKER) for line in text.splitlines())
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _home_short(path: Path | str) -> str:
-    text, home = str(path), os.environ.get("HOME", "").rstrip("/")
-    if home and text.startswith(home + "/"):
-        return "~" + text[len(home) :]
-    return text
-
-
 # -- the user manager ---------------------------------------------------------------------------
 
 
@@ -216,7 +185,8 @@ def _check(result: subprocess.CompletedProcess[str], what: str) -> None:
         raise StackdError(f"{what} failed: {detail}")
 
 
-def _user_name() -> str:
+def user_name() -> str:
+    """This user's login name (passwd), else $USER, else the uid."""
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
@@ -242,7 +212,7 @@ def linger_state(user: str) -> str | None:
 
 
 def _linger_hint() -> str | None:
-    user = _user_name()
+    user = user_name()
     state = linger_state(user)
     if state == "yes":
         return None
@@ -307,9 +277,9 @@ def _install(*, start: bool) -> int:
     changed = current.text != wanted
     if changed:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, wanted.encode("utf-8"), 0o644)
+        replace_file(path, wanted.encode("utf-8"), 0o644)
         verb = "wrote" if current.text is None else "updated"
-        done.append(f"{verb} {_home_short(path)} (ExecStart={' '.join(command)})")
+        done.append(f"{verb} {home_short(path)} (ExecStart={' '.join(command)})")
         _check(systemctl("daemon-reload"), "systemctl --user daemon-reload")
         done.append("reloaded the user manager (systemctl --user daemon-reload)")
     _warn_if_off_unit_path(path.parent)
@@ -325,7 +295,7 @@ def _install(*, start: bool) -> int:
     else:
         state = "enabled and active" if start else "enabled"
         sys.stdout.write(
-            f"stackd is already set up: {_home_short(path)} is current, {UNIT_NAME} is {state}\n"
+            f"stackd is already set up: {home_short(path)} is current, {UNIT_NAME} is {state}\n"
         )
     if not start:
         sys.stdout.write(f"not started (--no-start): `systemctl --user start {UNIT_NAME}`\n")
@@ -391,7 +361,7 @@ def _uninstall(*, purge: bool) -> int:
             _check(result, f"systemctl --user disable --now {UNIT_NAME}")
     if current.text is not None:
         path.unlink()
-        done.append(f"removed {_home_short(path)}")
+        done.append(f"removed {home_short(path)}")
         _check(systemctl("daemon-reload"), "systemctl --user daemon-reload")
         done.append("reloaded the user manager")
     if purge:
@@ -414,7 +384,7 @@ def _purge() -> list[str]:
     for directory in (default_config_path().parent, state_dir()):
         if directory.is_dir() and not directory.is_symlink():
             shutil.rmtree(directory)
-            done.append(f"removed {_home_short(directory)}")
+            done.append(f"removed {home_short(directory)}")
     named = os.environ.get(CONFIG_ENV_VAR)
     if named:
         done.append(f"left {named} ({CONFIG_ENV_VAR} / --config) in place")
@@ -508,6 +478,8 @@ def run_init(args: argparse.Namespace) -> int:
         try:
             stacks = tomllib.loads(existing.decode("utf-8-sig")).get("stacks", {})
         except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+            from stackd.settings import load_config
+
             load_config(path, _file_environ())  # raises the ConfigError naming the problem
             raise
         if isinstance(stacks, dict) and name in stacks:
@@ -530,7 +502,7 @@ def run_init(args: argparse.Namespace) -> int:
         sep = b"\n" if existing.endswith(b"\n") else b"\n\n"
         new = existing + sep + table.encode()
     _write_validated(path, new, existed=bool(existing) or path.exists())
-    sys.stdout.write(f"added [stacks.{_toml_key(name)}] to {_home_short(path)}\n")
+    sys.stdout.write(f"added [stacks.{_toml_key(name)}] to {home_short(path)}\n")
     directory = Path(os.path.expanduser(str(args.directory)))
     if not directory.is_dir():
         sys.stdout.write(f"note: {directory} does not exist yet: create it before the stack runs\n")
@@ -539,24 +511,20 @@ def run_init(args: argparse.Namespace) -> int:
 
 def _write_validated(path: Path, data: bytes, *, existed: bool) -> None:
     """Write `data` to `path` atomically, only if it loads as a valid config."""
+    from stackd.settings import load_config
+
     if not existed:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = (path.stat().st_mode & 0o7777) if existed else 0o600
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fchmod(file.fileno(), mode)
-            os.fsync(file.fileno())
+
+    def check(temp: Path) -> None:
         try:
-            load_config(Path(tmp), _file_environ())
+            load_config(temp, _file_environ())
         except ConfigError as exc:
             raise ConfigError(str(path), exc.key, exc.reason) from None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    # sync_dir=False: init has never fsynced the config's directory.
+    replace_file(path, data, mode, check=check, sync_dir=False)
 
 
 def _ask_daemon_to_reload(name: str) -> int:

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from stackd.adapters.fsutil import fsync_dir, replace_file
 from stackd.core.updates import (
     StackUpdateResult,
     UpdateRun,
@@ -95,14 +96,6 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class HistoryStore:
     """The update history: records `run.started`, `stack.finished`, `run.finished`.
 
@@ -151,7 +144,7 @@ class HistoryStore:
                 on_written()
             os.fsync(fd)
             if info.st_size == 0:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except OSError as exc:
             raise _error("append to the update history", self.path, exc) from exc
         finally:
@@ -382,21 +375,8 @@ class StateFile:
 
     def write(self, data: Mapping[str, Any]) -> None:
         payload = json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
-        directory = ensure_private_dir(self.path.parent)
-        temp = directory / f".{self.path.name}.{os.getpid()}.tmp"
+        ensure_private_dir(self.path.parent)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, _FILE_MODE)
-            try:
-                os.fchmod(fd, _FILE_MODE)
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
-            _fsync_dir(directory)
+            replace_file(self.path, payload, _FILE_MODE)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink()
             raise _error("write", self.path, exc) from exc

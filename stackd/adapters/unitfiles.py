@@ -7,12 +7,12 @@ file without stackd's marker is never touched (checked again here, at the moment
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from stackd.adapters.fsutil import replace_file
 from stackd.core.plan import OwnedFileState
 from stackd.core.render import is_intact, read_marker
 from stackd.errors import StackdError
@@ -35,7 +35,7 @@ def _lstat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _read_text(path: Path) -> str | None:
+def _read_text(path: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as fh:
         return fh.read()
@@ -85,8 +85,7 @@ def _check_replaceable(path: Path) -> None:
         raise UnitFileError(f"{path} is a symlink; stackd never writes through a symlink")
     if not stat.S_ISREG(st.st_mode):
         raise UnitFileError(f"{path} is not a regular file")
-    text = _read_text(path)
-    if text is None or read_marker(text) is None:
+    if read_marker(_read_text(path)) is None:
         raise UnitFileError(f"{path} was not written by stackd (no marker); left untouched")
 
 
@@ -99,28 +98,7 @@ def write_unit(unit_dir: Path, name: str, text: str) -> None:
         raise UnitFileError(f"{unit_dir} is a symlink; stackd writes only into a real directory")
     target = unit_dir / name
     _check_replaceable(target)
-    tmp = unit_dir / f".{name}.stackd-tmp"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(
-        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, UNIT_MODE
-    )
-    try:
-        os.fchmod(fd, UNIT_MODE)  # whatever the umask: the same mode from a unit or a terminal
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(unit_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(target, text.encode("utf-8"), UNIT_MODE)
 
 
 def remove_unit(unit_dir: Path, name: str) -> bool:
@@ -129,8 +107,7 @@ def remove_unit(unit_dir: Path, name: str) -> bool:
     st = _lstat(target)
     if st is None or not stat.S_ISREG(st.st_mode):
         return False
-    text = _read_text(target)
-    if text is None or read_marker(text) is None:
+    if read_marker(_read_text(target)) is None:
         return False
     target.unlink()
     return True

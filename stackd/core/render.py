@@ -44,6 +44,7 @@ from stackd.core.models import Config, StackSpec, stack_name_problem
 __all__ = [
     "MARKER_PREFIX",
     "RenderInput",
+    "command_line",
     "compose_project_name",
     "content_hash",
     "escape_exec_arg",
@@ -264,7 +265,8 @@ def _compose_file_arg(name: str) -> str:
     return name
 
 
-def _command_line(words: Iterable[str]) -> str:
+def command_line(words: Iterable[str]) -> str:
+    """A command line for ExecStart= and the like, every word escaped for systemd."""
     executable, *args = words
     return " ".join([escape_executable(executable), *map(escape_exec_arg, args)])
 
@@ -282,7 +284,7 @@ def render_stack_units(inp: RenderInput) -> dict[str, str]:
         if not name:
             raise ValueError(f"stack {stack.name!r}: a compose file name cannot be empty")
         compose += ["-f", _compose_file_arg(name)]
-    up = _command_line([*compose, "up", "-d", "--remove-orphans"])
+    up = command_line([*compose, "up", "-d", "--remove-orphans"])
     environment = [
         f"WorkingDirectory={escape_path_value(str(stack.directory))}",
         *(f"EnvironmentFile={escape_path_value(str(path))}" for path in inp.env_files),
@@ -299,7 +301,7 @@ def render_stack_units(inp: RenderInput) -> dict[str, str]:
         "RemainAfterExit=yes",
         *environment,
         f"ExecStart={up}",
-        f"ExecStop={_command_line([*compose, 'down'])}",
+        f"ExecStop={command_line([*compose, 'down'])}",
         f"TimeoutStartSec={_timespan(inp.startup_timeout_s, 'startup timeout')}",
         "",
         "[Install]",
@@ -318,7 +320,7 @@ def render_stack_units(inp: RenderInput) -> dict[str, str]:
         "Type=oneshot",
         "RemainAfterExit=yes",
         *environment,
-        f"ExecStart={_command_line([*compose, 'pull'])}",
+        f"ExecStart={command_line([*compose, 'pull'])}",
         f"ExecStart={up}",
         f"TimeoutStartSec={_timespan(inp.update_timeout_s, 'update timeout')}",
     ]
