@@ -11,6 +11,7 @@ import json
 import os
 import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,26 @@ class _ManagerPresence:
         (self.back if present else self.lost).set()
 
 
+@dataclass(frozen=True, slots=True)
+class _StatusCache:
+    """The whole status document, as sent and as pieces for filtered answers."""
+
+    text: str
+    doc: dict[str, Any]
+    by_name: dict[str, dict[str, Any]]
+
+
+def _finding_log_fields(f: Finding) -> dict[str, Any]:
+    """The journal fields of a finding raised or cleared."""
+    return {
+        "unit": f.unit or None,
+        "stack": f.stack,
+        "kind": f.kind.value,
+        "paths": list(f.paths),
+        "source": f.source.value,
+    }
+
+
 class Daemon:
     """Long-running state: last good config, the manager connection, findings, status view."""
 
@@ -87,24 +108,19 @@ class Daemon:
         self.reconciler = Reconciler(self)
         self.updater = Updater(
             store=HistoryStore.in_dir(state_dir(environ)),
-            manager=self._live_manager,
+            manager=self.live_manager,
             config=lambda: self.config,
             emit=self._emit,
             on_change=self.invalidate,
         )
         self._schedule_task: asyncio.Task[None] | None = None
-        self._recovered = False
         self.watcher = UnitDirWatcher(on_change=self._files_changed)
         self.search_path: list[str] = []
         self._stop = asyncio.Event()
         self._ready = False
-        self._manager_lost = asyncio.Event()
-        self._status_cache: str | None = None
+        self._status_cache: _StatusCache | None = None  # None: invalid, rebuilt on demand
         # Answers to filtered GetStatus calls (one stack each, typically), until a change.
         self._status_parts: dict[tuple[str, ...], str] = {}
-        self._status_doc: tuple[dict[str, Any], dict[str, dict[str, Any]]] | None = None
-        self._dirty_units: set[str] = set()
-        self._reevaluate = asyncio.Event()
         self._followed = False  # the current bus connection reached the manager
 
     # -- views ---------------------------------------------------------------------------
@@ -115,11 +131,11 @@ class Daemon:
 
     async def refresh_search_path(self) -> None:
         """Read the manager's UnitPath and (re)aim the watcher at it and the watched units."""
-        manager = self._live_manager()
+        manager = self.live_manager()
         self.search_path = await manager.unit_path()
         self.watcher.watch(self.search_path, self.reconciler.watched_units())
 
-    def _live_manager(self) -> SystemdManager:
+    def live_manager(self) -> SystemdManager:
         if self.manager is None or not self.manager.available:
             raise ManagerUnavailableError("the systemd user manager is not connected")
         return self.manager
@@ -140,10 +156,10 @@ class Daemon:
         """The status document (cached until something changes), or a few stacks of it."""
         if stacks and (cached := self._status_parts.get(tuple(stacks))) is not None:
             return cached  # the hot path of many clients polling one stack each
-        doc, by_name = self._status_document()
+        cache = self._status_document()
         if not stacks:
-            assert self._status_cache is not None
-            return self._status_cache
+            return cache.text
+        by_name = cache.by_name
         unknown = [s for s in stacks if s not in by_name]
         if unknown:
             raise UsageError(
@@ -154,10 +170,10 @@ class Daemon:
         wanted = set(stacks)
         text = json.dumps(
             {
-                **doc,
+                **cache.doc,
                 "stacks": [entry for name, entry in by_name.items() if name in wanted],
                 "findings": [
-                    f for f in doc["findings"] if f["stack"] is None or f["stack"] in wanted
+                    f for f in cache.doc["findings"] if f["stack"] is None or f["stack"] in wanted
                 ],
             }
         )
@@ -165,10 +181,10 @@ class Daemon:
             self._status_parts[key] = text
         return text
 
-    def _status_document(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    def _status_document(self) -> _StatusCache:
         """Build the whole document once per change; filtered answers reuse its pieces."""
-        if self._status_cache is not None and self._status_doc is not None:
-            return self._status_doc
+        if self._status_cache is not None:
+            return self._status_cache
         doc = build_status(
             daemon=DaemonInfo(
                 pid=self.pid,
@@ -190,9 +206,12 @@ class Daemon:
             update_running=self.updater.current.run if self.updater.current else None,
             state_error=self.updater.store_error,
         )
-        self._status_cache = json.dumps(doc)
-        self._status_doc = (doc, {entry["name"]: entry for entry in doc["stacks"]})
-        return self._status_doc
+        self._status_cache = _StatusCache(
+            text=json.dumps(doc),
+            doc=doc,
+            by_name={entry["name"]: entry for entry in doc["stacks"]},
+        )
+        return self._status_cache
 
     @property
     def config_label(self) -> str:
@@ -206,7 +225,7 @@ class Daemon:
         return json.dumps({"version": 1, "findings": findings})
 
     async def start_update(self, stacks: list[str]) -> str:
-        self._live_manager()
+        self.live_manager()
         run = await self.updater.start(stacks, "manual")
         return json.dumps({"run": run.run, "stacks": list(run.stacks)})
 
@@ -227,31 +246,20 @@ class Daemon:
         self.invalidate()
         for timed in delta.raised:
             f = timed.finding
-            payload = finding_to_json(f, timed.since)
             log.warning(
                 "finding.raised",
                 message=f"{f.kind.value} {f.unit or '(global)'}: {f.detail}".rstrip(": "),
-                unit=f.unit or None,
-                stack=f.stack,
-                kind=f.kind.value,
-                paths=list(f.paths),
-                source=f.source.value,
+                **_finding_log_fields(f),
             )
-            if self.api:
-                self.api.emit("FindingRaised", payload)
+            self._emit("FindingRaised", finding_to_json(f, timed.since))
         for timed in delta.cleared:
             f = timed.finding
             log.info(
                 "finding.cleared",
                 message=f"{f.kind.value} {f.unit or '(global)'} cleared",
-                unit=f.unit or None,
-                stack=f.stack,
-                kind=f.kind.value,
-                paths=list(f.paths),
-                source=f.source.value,
+                **_finding_log_fields(f),
             )
-            if self.api:
-                self.api.emit("FindingCleared", finding_to_json(f, timed.since))
+            self._emit("FindingCleared", finding_to_json(f, timed.since))
 
     def _set_manager_unavailable(self, reason: str) -> None:
         finding = Finding(
@@ -425,6 +433,10 @@ class Daemon:
         presence = _ManagerPresence()
 
         def on_manager_event(kind: str, payload: Any) -> None:
+            if kind == "job":
+                # JobRemoved changes nothing in the status document: whoever waits for the
+                # job (reconciler, updater) reports what follows from it on its own.
+                return
             self.invalidate()
             if kind == "owner":
                 presence.changed(bool(payload))
@@ -469,10 +481,9 @@ class Daemon:
             log.info("manager.connected", message="connected to the systemd user manager")
             await self.reconciler.run("start" if not self._ready else "reconnect")
             self._mark_ready()
-            if not self._recovered:
+            if not self.updater.recovered:
                 try:
                     await self.updater.recover()
-                    self._recovered = True
                 finally:
                     self._restart_schedule()
             waiter: asyncio.Future[Any] = asyncio.ensure_future(presence.lost.wait())

@@ -19,7 +19,7 @@ from stackd.configcache import load_config_cached
 from stackd.core.models import Finding, FindingKind, FindingSource
 from stackd.core.status import finding_to_json
 from stackd.errors import ManagerUnavailableError
-from stackd.verify import compute_findings, desired_units
+from stackd.verify import compute_findings, desired_units, lazy_units, watched_units
 
 __all__ = ["offline_check", "render_command"]
 
@@ -39,10 +39,7 @@ async def _check(config_path: Path | None, environ: Mapping[str, str]) -> list[F
         # No Subscribe and no signal matches: a one-shot reader follows no changes, and a
         # subscriber only makes the manager signal UnitNew/UnitRemoved for every unit loaded.
         manager = SystemdManager(bus, max_in_flight=128)
-        units = []
-        for stack in config.stacks:
-            units += [stack.unit, stack.update_unit]
-        await manager.watch(units, lazy=[stack.update_unit for stack in config.stacks])
+        await manager.watch(watched_units(config), lazy=lazy_units(config))
         search_path = await manager.unit_path()
         desired = await rendering
         return compute_findings(config, desired, search_path, manager.units, True)

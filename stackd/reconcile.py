@@ -38,7 +38,13 @@ from stackd.core.models import (
 )
 from stackd.core.plan import ReconcilePlan, plan_reconcile
 from stackd.errors import ManagerUnavailableError
-from stackd.verify import DesiredUnits, compute_findings, desired_units
+from stackd.verify import (
+    DesiredUnits,
+    compute_findings,
+    desired_units,
+    lazy_units,
+    watched_units,
+)
 
 if TYPE_CHECKING:
     from stackd.adapters.systemd import SystemdManager
@@ -70,19 +76,13 @@ class Reconciler:
 
     def lazy_units(self) -> list[str]:
         """Update units: read only while the manager holds them (see SystemdManager.watch)."""
-        return [stack.update_unit for stack in self.config.stacks]
+        return lazy_units(self.config)
 
     def watched_units(self) -> list[str]:
-        units = []
-        for stack in self.config.stacks:
-            units += [stack.unit, stack.update_unit]
-        return units
+        return watched_units(self.config)
 
     def _manager(self) -> SystemdManager:
-        manager = self._daemon.manager
-        if manager is None or not manager.available:
-            raise ManagerUnavailableError("the user manager is not connected")
-        return manager
+        return self._daemon.live_manager()
 
     # -- reconcile ------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ class Reconciler:
         manager = self._manager()
         unit_dir = config.daemon.unit_dir
         desired = await asyncio.to_thread(desired_units, config)
-        self._log_legacy(config, desired)
+        self._log_legacy(desired)
         present = await asyncio.to_thread(unitfiles.read_owned, unit_dir, desired.texts)
         # A stack in error keeps whatever it has: its files count as desired as they are.
         # So does an adopted one (managed = false): a stack handed over to another tool keeps
@@ -144,7 +144,11 @@ class Reconciler:
             )
         if plan.reload:
             await manager.reload()
-        await manager.watch(self.watched_units(), lazy=self.lazy_units())
+        # The daemon has just watched these units at start/reconnect, and signals keep the
+        # copy current: read them again only after a reload or when the set has changed.
+        watched = self.watched_units()
+        if plan.reload or set(manager.units) != set(watched):
+            await manager.watch(watched, lazy=self.lazy_units())
         await self._verify_now()
         self._start_jobs(plan, reason)
         return plan
@@ -207,8 +211,9 @@ class Reconciler:
         todo = [("start", u) for u in plan.start] + [("restart", u) for u in plan.restart]
 
         async def one(verb: str, unit: str) -> JobOutcome:
-            stack = next((s for s in config.stacks if s.unit == unit), None)
-            bound = (config.startup_timeout_of(stack) if stack else 120.0) + JOB_MARGIN_S
+            stack = config.stack(unit.removesuffix(".service"))
+            timeout = config.startup_timeout_of(stack) if stack else config.daemon.startup_timeout_s
+            bound = timeout + JOB_MARGIN_S
             try:
                 return await manager.run_job(verb, unit, within_s=bound)
             except (SystemdError, ManagerUnavailableError) as exc:
@@ -245,7 +250,7 @@ class Reconciler:
         task.add_done_callback(self._jobs.discard)
         task.add_done_callback(_log_crash)
 
-    def _log_legacy(self, config: Config, desired: DesiredUnits) -> None:
+    def _log_legacy(self, desired: DesiredUnits) -> None:
         for name, files in desired.files.items():
             if files.legacy_fallback and self._legacy_seen.get(name) != files.legacy_fallback:
                 for missing, used in files.legacy_fallback:
@@ -334,18 +339,17 @@ class Reconciler:
         copy, a foreign drop-in) are reported at once, loaded-state ones when it is back.
         """
         config = self.config
-        manager = self._daemon.manager
-        available = manager is not None and manager.available
+        available = self._daemon.manager_connected
+        manager = self._daemon.manager if available else None
         desired = self.last_desired
         if desired is None:
             desired = await asyncio.to_thread(desired_units, config)
         search_path = self._daemon.search_path
-        if available and (units is None or not search_path):
-            assert manager is not None
+        if manager is not None and (units is None or not search_path):
             search_path = self._daemon.search_path = await manager.unit_path()
         if not search_path:
             raise ManagerUnavailableError("the unit search path is not known yet")
-        loaded = dict(manager.units) if available and manager is not None else {}
+        loaded = dict(manager.units) if manager is not None else {}
         only = None if units is None else frozenset(units)
         work = functools.partial(
             compute_findings, config, desired, search_path, loaded, available, only=only

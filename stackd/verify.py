@@ -6,17 +6,24 @@ keeps its imports light (no logging, no event loop).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from stackd.adapters.stackfiles import StackFiles, inspect_stack
 from stackd.adapters.unitdirs import scan
-from stackd.core.models import UNLOADED, Config, Finding, FindingKind, FindingSource
+from stackd.core.models import UNLOADED, Config, Finding, FindingKind, FindingSource, UnitState
 from stackd.core.ownership import UnitExpectation, evaluate
 from stackd.core.render import RenderInput, read_marker, render_stack_units
 
-__all__ = ["DesiredUnits", "compute_findings", "config_findings", "desired_units", "expectations"]
+__all__ = [
+    "DesiredUnits",
+    "compute_findings",
+    "config_findings",
+    "desired_units",
+    "expectations",
+    "lazy_units",
+    "watched_units",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +33,19 @@ class DesiredUnits:
     texts: dict[str, str] = field(default_factory=dict)
     files: dict[str, StackFiles] = field(default_factory=dict)
     broken: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+
+
+def watched_units(config: Config) -> list[str]:
+    """Every stack's unit and update unit, stack by stack: what the manager is asked about."""
+    units: list[str] = []
+    for stack in config.stacks:
+        units += [stack.unit, stack.update_unit]
+    return units
+
+
+def lazy_units(config: Config) -> list[str]:
+    """Update units: read only while the manager holds them (see SystemdManager.watch)."""
+    return [stack.update_unit for stack in config.stacks]
 
 
 def desired_units(config: Config) -> DesiredUnits:
@@ -101,7 +121,7 @@ def compute_findings(
     config: Config,
     desired: DesiredUnits,
     search_path: Iterable[str],
-    loaded: Any,
+    loaded: Mapping[str, UnitState],
     manager_available: bool,
     *,
     only: frozenset[str] | None = None,
@@ -113,7 +133,8 @@ def compute_findings(
     """
     units = expectations(config, desired, only)
     unit_dir = str(config.daemon.unit_dir)
-    disk = scan(list(search_path), list(units), unit_dir)
+    paths = list(search_path)
+    disk = scan(paths, list(units), unit_dir)
     # The manager names drop-ins by their resolved directory: accept both spellings.
     allowed = [str(p) for p in config.daemon.allowed_dropin_dirs]
     allowed += [real for p in allowed if (real := os.path.realpath(p)) != os.path.normpath(p)]
@@ -121,7 +142,7 @@ def compute_findings(
     findings = evaluate(
         units=units,
         disk=disk,
-        loaded={n: st for n, st in dict(loaded).items() if st.load_state != UNLOADED},
+        loaded={n: st for n, st in loaded.items() if st.load_state != UNLOADED},
         unit_dir=unit_dir,
         allowed_dropin_dirs=allowed,
         manager_available=manager_available,
@@ -129,10 +150,9 @@ def compute_findings(
         unit_dir_resolved=resolved if resolved != os.path.normpath(unit_dir) else None,
     )
     findings = [f for f in findings if f.kind is not FindingKind.MANAGER_UNAVAILABLE]
-    search_path = list(search_path)
     if only is not None:
         return findings + [f for f in config_findings(config, desired) if f.unit in only]
-    if search_path and unit_dir not in search_path:
+    if paths and unit_dir not in paths:
         findings.append(
             Finding(
                 kind=FindingKind.CONFIG,

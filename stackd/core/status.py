@@ -49,7 +49,6 @@ def build_status(
     only: Iterable[str] = (),
     last_updates: Mapping[str, dict[str, Any]] | None = None,
     next_update: Mapping[str, datetime | None] | None = None,
-    schedule: str | None = None,
     next_run: datetime | None = None,
     last_run: dict[str, Any] | None = None,
     update_running: str | None = None,
@@ -59,14 +58,16 @@ def build_status(
     wanted = set(only)
     last_updates = last_updates or {}
     next_update = next_update or {}
+    # Each finding converted once, grouped by stack (in the order given).
+    converted = [(tf.finding.stack, finding_to_json(tf.finding, tf.since)) for tf in findings]
+    by_stack: dict[str | None, list[dict[str, Any]]] = {}
+    for name, entry in converted:
+        by_stack.setdefault(name, []).append(entry)
     stacks = []
-    selected_units: set[str] = set()
     for stack in config.stacks:
         if wanted and stack.name not in wanted:
             continue
         state = units.get(stack.unit, UnitState(name=stack.unit))
-        own = [tf for tf in findings if tf.finding.stack == stack.name]
-        selected_units.update((stack.unit, stack.update_unit))
         stacks.append(
             {
                 "name": stack.name,
@@ -80,16 +81,12 @@ def build_status(
                 "fragment_path": state.fragment_path,
                 "drop_in_paths": list(state.drop_in_paths),
                 "need_daemon_reload": state.need_daemon_reload,
-                "findings": [finding_to_json(tf.finding, tf.since) for tf in own],
+                "findings": list(by_stack.get(stack.name, ())),
                 "last_update": last_updates.get(stack.name),
                 "next_update": iso(next_update.get(stack.name)),
             }
         )
-    every = [
-        finding_to_json(tf.finding, tf.since)
-        for tf in findings
-        if not wanted or tf.finding.stack is None or tf.finding.stack in wanted
-    ]
+    every = [entry for name, entry in converted if not wanted or name is None or name in wanted]
     return {
         "version": STATUS_VERSION,
         "daemon": {
@@ -104,7 +101,7 @@ def build_status(
         "stacks": stacks,
         "findings": every,
         "updates": {
-            "schedule": schedule if schedule is not None else config.updates.schedule,
+            "schedule": config.updates.schedule,
             "next_run": iso(next_run),
             "running": update_running,
             "last_run": last_run,
