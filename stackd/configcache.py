@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from stackd import __version__
-from stackd.configpath import home_of, locate_config
+from stackd.configpath import home_of, locate_config, read_config
 from stackd.core.models import Config
 
 __all__ = ["ENV_KEYS", "cache_file", "load_config_cached"]
@@ -49,21 +49,16 @@ def cache_file(environ: Mapping[str, str]) -> Path | None:
 def load_config_cached(path: Path | None, environ: Mapping[str, str]) -> Config:
     """`load_config(path, environ)`, from the cache when nothing it depends on changed."""
     location = locate_config(path, environ)
-    try:
-        raw: bytes | None = location.path.read_bytes()
-    except FileNotFoundError:
-        raw = None  # the default location: built-in defaults; a named file: load_config says
-    except OSError:
-        raw = b""  # load_config words the error; nothing is stored for a config that fails
+    raw = read_config(location)  # read once: what is validated is what the key names
     key = _key(location.path, raw, environ)
     cache = cache_file(environ)
     if cache is not None:
         config = _read(cache, key)
         if config is not None:
             return config
-    from stackd.settings import load_config
+    from stackd.settings import validate_config
 
-    config = load_config(path, environ)
+    config = validate_config(location, raw, environ)
     if cache is not None:
         _write(cache, key, config)
     return config
@@ -107,15 +102,9 @@ def _read(cache: Path, key: bytes) -> Config | None:
 
 
 def _write(cache: Path, key: bytes, config: Config) -> None:
+    from stackd.adapters.fsutil import replace_file  # tempfile: only on a miss
+
+    data = FORMAT + key + pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
     with contextlib.suppress(OSError):
         cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with open(fd, "wb") as file:
-                file.write(FORMAT + key)
-                pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(temp, cache)
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
+        replace_file(cache, data, 0o600, sync_dir=False)

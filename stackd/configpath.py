@@ -9,7 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["CONFIG_ENV_VAR", "ConfigLocation", "default_config_path", "home_of", "locate_config"]
+from stackd.errors import ConfigError
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "ConfigLocation",
+    "default_config_path",
+    "home_of",
+    "locate_config",
+    "read_config",
+]
 
 CONFIG_ENV_VAR = "STACKD_CONFIG"
 
@@ -60,3 +69,17 @@ def _expand_user(path: Path, home: str | None) -> Path:
     if home and (text == "~" or text.startswith("~/")):
         return Path(home + text[1:])
     return path
+
+
+def read_config(location: ConfigLocation) -> bytes | None:
+    """The file's bytes; None when the default file is absent (a named one must exist)."""
+    file = str(location.path)
+    try:
+        return location.path.read_bytes()
+    except FileNotFoundError:
+        if location.named_by is None:
+            return None
+        fix = "drop --config" if location.named_by == "--config" else f"unset {CONFIG_ENV_VAR}"
+        raise ConfigError(file, "", f"no such file: create it or {fix}") from None
+    except OSError as err:
+        raise ConfigError(file, "", f"cannot read the file: {err.strerror}") from err

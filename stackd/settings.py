@@ -27,7 +27,13 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo
 
-from stackd.configpath import CONFIG_ENV_VAR, default_config_path, locate_config
+from stackd.configpath import (
+    CONFIG_ENV_VAR,
+    ConfigLocation,
+    default_config_path,
+    locate_config,
+    read_config,
+)
 from stackd.core.durations import parse_duration
 from stackd.core.models import (
     Config,
@@ -50,6 +56,7 @@ __all__ = [
     "UpdateSettings",
     "default_config_path",
     "load_config",
+    "validate_config",
 ]
 
 ENV_PREFIX = "STACKD_"
@@ -246,17 +253,25 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     named by `path` or STACKD_CONFIG must exist.
     """
     env = os.environ if environ is None else environ
-    path, named_by, home = locate_config(path, env)
-    data = _read_toml(path, named_by)
+    location = locate_config(path, env)
+    return validate_config(location, read_config(location), env)
+
+
+def validate_config(
+    location: ConfigLocation, raw: bytes | None, environ: Mapping[str, str]
+) -> Config:
+    """The configuration from the bytes read at `location` (None: no file, the defaults)."""
+    path = location.path
+    data = None if raw is None else _parse_toml(path, raw)
     source = path.absolute() if data is not None else None
     file = str(path)
 
     tree: dict[str, Any] = data if data is not None else {}
     problems = _stack_name_problems(tree, file)
-    origins, env_problems = _apply_environment(tree, env)
+    origins, env_problems = _apply_environment(tree, environ)
     problems += env_problems
     try:
-        settings = Settings.model_validate(tree, context={"home": home})
+        settings = Settings.model_validate(tree, context={"home": location.home})
     except ValidationError as err:
         problems += [_problem(error, file, origins) for error in err.errors(include_url=False)]
         settings = None
@@ -267,18 +282,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     return _to_config(settings, source)
 
 
-def _read_toml(path: Path, named_by: str | None) -> dict[str, Any] | None:
-    """The parsed file; None when the default file is absent. `named_by`: who asked for it."""
+def _parse_toml(path: Path, raw: bytes) -> dict[str, Any]:
     file = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if named_by is None:
-            return None
-        fix = "drop --config" if named_by == "--config" else f"unset {CONFIG_ENV_VAR}"
-        raise ConfigError(file, "", f"no such file: create it or {fix}") from None
-    except OSError as err:
-        raise ConfigError(file, "", f"cannot read the file: {err.strerror}") from err
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -31,7 +31,7 @@ from stackd.adapters.store import (
     run_started_record,
     stack_finished_record,
 )
-from stackd.adapters.systemd import PROPS_IFACE, UNIT_IFACE, SystemdError, unit_object_path
+from stackd.adapters.systemd import UNIT_IFACE, SystemdError
 from stackd.core.models import Config, StackSpec, UnitState
 from stackd.core.render import compose_project_name
 from stackd.core.schedule import apply_randomized_delay
@@ -40,6 +40,7 @@ from stackd.core.updates import (
     StackUpdateResult,
     Trigger,
     UpdateRun,
+    exit_text,
     finish_stack,
     latest_results,
     new_run_id,
@@ -509,7 +510,7 @@ class Updater:
             except StoreError as exc:
                 self._report_store_error(exc)
                 last = None
-            if last is not None and await calendar.missed_elapse(expr, last, now):
+            if await calendar.missed_elapse(expr, last, now):
                 await self._start_quietly("catch-up")
         while True:
             now = datetime.now(UTC)
@@ -566,12 +567,11 @@ def _is_kept(state: UnitState) -> bool:
 
 def _exit_text(code: object, status: object) -> str:
     """How the failing command ended, from ExecMainCode/ExecMainStatus: " (exited 125)",
-    " (killed by signal 9)"; empty when systemd has no record of it."""
-    if not isinstance(code, int) or not isinstance(status, int) or code == 0:
+    " (killed by SIGKILL)"; empty when systemd has no record of it."""
+    if not isinstance(code, int) or not isinstance(status, int):
         return ""
-    if code == 1:  # CLD_EXITED
-        return f" (exited {status})"
-    return f" (killed by signal {status})"
+    ended = exit_text(code, status)
+    return f" ({ended})" if ended else ""
 
 
 _TIMESTAMPS = ("InactiveExitTimestamp", "ActiveEnterTimestamp", "InactiveEnterTimestamp")
@@ -579,16 +579,15 @@ _TIMESTAMPS = ("InactiveExitTimestamp", "ActiveEnterTimestamp", "InactiveEnterTi
 
 async def _unit_timestamps(manager: SystemdManager, unit: str) -> dict[str, datetime]:
     """The unit's state-change timestamps that are set (a never-reached state is absent)."""
-    path = unit_object_path(unit)
-    stamps: dict[str, datetime] = {}
-    for name in _TIMESTAMPS:
-        with contextlib.suppress(SystemdError):
-            (value,) = await manager.call(
-                "Get", "ss", [UNIT_IFACE, name], path=path, interface=PROPS_IFACE
-            )
-            if int(value.value):
-                stamps[name] = datetime.fromtimestamp(int(value.value) / 1_000_000, UTC)
-    return stamps
+    try:
+        values = await manager.service_properties(unit, _TIMESTAMPS, interface=UNIT_IFACE)
+    except SystemdError:
+        return {}
+    return {
+        name: datetime.fromtimestamp(usec / 1_000_000, UTC)
+        for name, usec in values.items()
+        if isinstance(usec, int) and usec
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,9 +617,4 @@ def _failed(run_id: str, stack: StackSpec, at: datetime, error: str) -> StackUpd
 
 
 def run_summary_json(run: UpdateRun) -> dict[str, Any]:
-    doc = run_to_json(run)
-    doc["summary"] = summary_message(run)
-    doc["succeeded"] = run.succeeded
-    doc["failed"] = run.failed
-    doc["result"] = run.result
-    return doc
+    return {**run_to_json(run), "summary": summary_message(run)}

@@ -14,6 +14,7 @@ import os
 import re
 from datetime import UTC, datetime
 
+from stackd.core.schedule import missed_run
 from stackd.errors import StackdError
 
 __all__ = [
@@ -68,10 +69,9 @@ async def missed_elapse(
     """The first elapse after `last_run` when it is not later than `now` (a run was missed
     while stackd was down), else None. systemd only looks forward, so this asks from
     `last_run` on instead of looking back from `now`."""
-    if last_run is None:
-        return None
-    due = await next_elapse(expr, last_run, tz=tz)
-    return due if due is not None and due <= now else None
+    due = await next_elapse(expr, last_run, tz=tz) if last_run is not None else None
+    missed = missed_run(persistent=True, last_run=last_run, elapse_after_last_run=due, now=now)
+    return due if missed else None
 
 
 def parse_next_elapse(output: str) -> datetime | None:

@@ -63,8 +63,12 @@ def inspect_stack(stack: StackSpec) -> StackFiles:
     if not stack.directory.is_dir():
         problems.append((str(stack.directory), "stack directory does not exist"))
     else:
-        found = next((n for n in DEFAULT_COMPOSE_FILES if (stack.directory / n).is_file()), None)
-        names = stack.compose_files or ((found,) if found else ())
+        names = stack.compose_files
+        if not names:
+            found = next(
+                (n for n in DEFAULT_COMPOSE_FILES if (stack.directory / n).is_file()), None
+            )
+            names = (found,) if found else ()
         if not names:
             problems.append(
                 (str(stack.directory), "no compose file (compose.yaml) in the stack directory")

@@ -36,6 +36,7 @@ MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+_JOB_METHODS = {"start": "StartUnit", "restart": "RestartUnit", "stop": "StopUnit"}
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 # Unit properties that feed UnitState, and the UnitState field each one sets.
@@ -205,18 +206,6 @@ class SystemdManager:
         self._generation += 1
         await self.call("Reload")
 
-    async def start_unit(self, unit: str, mode: str = "replace") -> str:
-        (job,) = await self.call("StartUnit", "ss", [unit, mode])
-        return str(job)
-
-    async def restart_unit(self, unit: str, mode: str = "replace") -> str:
-        (job,) = await self.call("RestartUnit", "ss", [unit, mode])
-        return str(job)
-
-    async def stop_unit(self, unit: str, mode: str = "replace") -> str:
-        (job,) = await self.call("StopUnit", "ss", [unit, mode])
-        return str(job)
-
     async def wait_job(self, job: str, within_s: float | None) -> JobOutcome:
         """Wait for JobRemoved of `job`; a timeout yields result "timeout" (job left running)."""
         if (done := self._recent_jobs.get(job)) is not None:
@@ -234,12 +223,8 @@ class SystemdManager:
         self, verb: str, unit: str, *, within_s: float | None, mode: str = "replace"
     ) -> JobOutcome:
         """Start/restart/stop `unit` and wait for its job to end."""
-        job = await {
-            "start": self.start_unit,
-            "restart": self.restart_unit,
-            "stop": self.stop_unit,
-        }[verb](unit, mode)
-        outcome = await self.wait_job(job, within_s)
+        (job,) = await self.call(_JOB_METHODS[verb], "ss", [unit, mode])
+        outcome = await self.wait_job(str(job), within_s)
         return replace(outcome, unit=unit)
 
     # -- the live copy ----------------------------------------------------------------
@@ -262,10 +247,11 @@ class SystemdManager:
         otherwise their state is UNLOADED, and the files are what the manager would load.
         """
         wanted = list(dict.fromkeys(units))
+        keep = set(wanted)
         self._lazy = frozenset(lazy)
-        for gone in set(self._watched) - set(wanted):
+        for gone in set(self._watched) - keep:
             del self._watched[gone]
-        self._path_to_unit = {p: u for p, u in self._path_to_unit.items() if u in wanted}
+        self._path_to_unit = {p: u for p, u in self._path_to_unit.items() if u in keep}
         for name in self._lazy.intersection(wanted):
             self._path_to_unit[unit_object_path(name)] = name
         for state in await self.load_states(wanted, lazy=self._lazy):
@@ -353,12 +339,15 @@ class SystemdManager:
                 state = replace(state, result=str(await self._get(path, SERVICE_IFACE, "Result")))
         return state
 
-    async def service_properties(self, unit: str, names: Sequence[str]) -> dict[str, Any]:
-        """Selected properties of a service (Result, ExecMainStatus, ExecStart, ...): one Get
-        each on the unit's object path (the manager loads the unit if it has to), in parallel;
-        a GetAll would marshal the whole Service interface for two values."""
+    async def service_properties(
+        self, unit: str, names: Sequence[str], *, interface: str = SERVICE_IFACE
+    ) -> dict[str, Any]:
+        """Selected properties of a service (Result, ExecMainStatus, ExecStart, ...), or of
+        another of the unit's interfaces: one Get each on the unit's object path (the manager
+        loads the unit if it has to), in parallel; a GetAll would marshal the whole interface
+        for two values."""
         path = unit_object_path(unit)
-        values = await asyncio.gather(*(self._get(path, SERVICE_IFACE, n) for n in names))
+        values = await asyncio.gather(*(self._get(path, interface, n) for n in names))
         return dict(zip(names, values, strict=True))
 
     def _store(self, state: UnitState) -> None:

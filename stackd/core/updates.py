@@ -34,6 +34,7 @@ __all__ = [
     "command_label",
     "describe_failure",
     "diff_images",
+    "exit_text",
     "failed_command",
     "finish_stack",
     "format_timestamp",
@@ -175,9 +176,6 @@ class UpdateRun:
         if not self.failed:
             return "success"
         return "partial" if self.succeeded else "failed"
-
-    def result_of(self, stack: str) -> StackUpdateResult | None:
-        return next((r for r in self.results if r.stack == stack), None)
 
 
 def new_run_id(now: datetime, suffix: str) -> str:
@@ -332,14 +330,27 @@ def describe_failure(
         return Failure(_job_failure(job_result, unit_result, timeout_s))
     label = command_label(command.argv or (command.path,))
     if result == "timeout":
-        after = f" after {_span(timeout_s)}" if timeout_s is not None else ""
-        return Failure(f"`{label}` timed out{after}", label)
-    if command.code == CLD_EXITED:
-        return Failure(f"`{label}` exited {command.status}", label, command.status)
-    if command.code in (CLD_KILLED, CLD_DUMPED):
-        dumped = " (core dumped)" if command.code == CLD_DUMPED else ""
-        return Failure(f"`{label}` killed by {_signal_name(command.status)}{dumped}", label)
-    return Failure(f"`{label}` did not finish (unit result {unit_result})", label)
+        return Failure(f"`{label}` timed out{_after(timeout_s)}", label)
+    ended = exit_text(command.code, command.status)
+    if ended is None:
+        return Failure(f"`{label}` did not finish (unit result {unit_result})", label)
+    status = command.status if command.code == CLD_EXITED else None
+    return Failure(f"`{label}` {ended}", label, status)
+
+
+def exit_text(code: int, status: int) -> str | None:
+    """How a process ended, from its (si_code, si_status): "exited 125", "killed by SIGKILL",
+    "killed by SIGSEGV (core dumped)"; None when it has not ended."""
+    if code == CLD_EXITED:
+        return f"exited {status}"
+    if code in (CLD_KILLED, CLD_DUMPED):
+        dumped = " (core dumped)" if code == CLD_DUMPED else ""
+        return f"killed by {_signal_name(status)}{dumped}"
+    return None
+
+
+def _after(timeout_s: float | None) -> str:
+    return f" after {_span(timeout_s)}" if timeout_s is not None else ""
 
 
 def _job_failure(job_result: str, unit_result: str, timeout_s: float | None) -> str:
@@ -347,8 +358,7 @@ def _job_failure(job_result: str, unit_result: str, timeout_s: float | None) -> 
         case "timeout", _:
             return "the start job timed out"
         case _, "timeout":
-            after = f" after {_span(timeout_s)}" if timeout_s is not None else ""
-            return f"the update unit timed out{after}"
+            return f"the update unit timed out{_after(timeout_s)}"
         case "canceled", _:
             return "the start job was canceled"
         case "dependency", _:
