@@ -29,8 +29,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
 
-from sandbox import (  # noqa: E402  (tests/ must be on sys.path first)
+import helpers  # noqa: E402  (tests/ and tests/integration must be on sys.path first)
+from helpers import FAKE_COMPOSE, STACKD_BIN  # noqa: E402
+from sandbox import (  # noqa: E402
     Sandbox,
     SandboxHost,
     enter_private_mount_namespace,
@@ -53,10 +56,6 @@ __all__ = [
     "wait_all_active",
     "world",
 ]
-
-FAKE_COMPOSE = REPO / "tests" / "support" / "fake-compose"
-STACKD_BIN = Path(sys.executable).with_name("stackd")
-CONTRIB_UNIT = REPO / "contrib" / "systemd" / "stackd.service"
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -140,16 +139,7 @@ def stacks_config(sandbox: Sandbox, count: int, *, startup_timeout: str = "600s"
 
 def install_stackd_unit(sandbox: Sandbox) -> Path:
     """contrib/systemd/stackd.service, ExecStart pointed at this checkout, a roomy start bound."""
-    text = CONTRIB_UNIT.read_text()
-    text = text.replace("ExecStart=%h/.local/bin/stackd daemon", f"ExecStart={STACKD_BIN} daemon")
-    text = text.replace("TimeoutStartSec=90s", "TimeoutStartSec=600s")
-    if f"ExecStart={STACKD_BIN} daemon" not in text:
-        raise RuntimeError(f"{CONTRIB_UNIT}: no ExecStart line to point at {STACKD_BIN}")
-    unit = sandbox.user_unit_dir / "stackd.service"
-    unit.parent.mkdir(parents=True, exist_ok=True)
-    unit.write_text(text)
-    sandbox.daemon_reload()
-    return unit
+    return helpers.install_stackd_unit(sandbox, start_timeout="600s")
 
 
 def start_stackd(sandbox: Sandbox) -> float:

@@ -44,12 +44,16 @@ def stacks_config(sandbox: Sandbox, names: list[str], extra: str = "") -> Path:
     return write_config(sandbox, "\n".join(lines))
 
 
-def install_stackd_unit(sandbox: Sandbox, *, watchdog: str = "30s") -> Path:
+def install_stackd_unit(
+    sandbox: Sandbox, *, watchdog: str = "30s", start_timeout: str = "90s"
+) -> Path:
     """The real contrib unit, with ExecStart pointed at the stackd under test."""
     text = CONTRIB_UNIT.read_text()
     text = text.replace("ExecStart=%h/.local/bin/stackd daemon", f"ExecStart={STACKD_BIN} daemon")
     text = text.replace("WatchdogSec=30s", f"WatchdogSec={watchdog}")
-    assert f"ExecStart={STACKD_BIN} daemon" in text
+    text = text.replace("TimeoutStartSec=90s", f"TimeoutStartSec={start_timeout}")
+    if f"ExecStart={STACKD_BIN} daemon" not in text:
+        raise RuntimeError(f"{CONTRIB_UNIT}: no ExecStart line to point at {STACKD_BIN}")
     unit = sandbox.user_unit_dir / "stackd.service"
     unit.parent.mkdir(parents=True, exist_ok=True)
     unit.write_text(text)
